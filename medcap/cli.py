@@ -1,0 +1,246 @@
+"""The ``medcap`` command line: thin click commands that parse, load the config and call the library."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from medcap.config import ConfigError, DataConfig, load_config
+from medcap.problems import InputError, ModelNotFoundError
+
+USER_ERRORS = (ConfigError, InputError, ModelNotFoundError, FileNotFoundError, ValueError)
+
+
+def _user_errors(fn):
+    """Turn the errors a user can fix into a clean message and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from medcap.pipeline import StageInputError
+
+        try:
+            return fn(*args, **kwargs)
+        except (*USER_ERRORS, StageInputError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.version_option(package_name="medcap")
+def main(log_level: str) -> None:
+    """medcap: diagnostic captions for medical images with a multi-stage ensemble."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+@main.group()
+def data() -> None:
+    """Check or make data sets."""
+
+
+@data.command("check")
+@click.argument("data_dir")
+@click.option(
+    "--format", "fmt", default="imageclef", show_default=True, type=click.Choice(["imageclef", "manifest", "hf"])
+)
+@click.option("--split", "splits", multiple=True, help="Split(s) to check (default: all found).")
+@click.option("--group-column", default="case_id", show_default=True, help="metadata.csv column naming the case.")
+@click.option(
+    "--image-dir", "image_dirs", multiple=True, help="Image folder template under DATA_DIR ({split} allowed)."
+)
+@_user_errors
+def data_check(data_dir: str, fmt: str, splits: tuple[str, ...], group_column: str, image_dirs: tuple[str, ...]):
+    """Validate a data set: every problem with its file and line; non-zero exit if any."""
+    from medcap.data import check_dataset, list_splits
+
+    cfg = DataConfig(root=data_dir, format=fmt, group_column=group_column or None)
+    if image_dirs:
+        cfg.image_dirs = list(image_dirs)
+    wanted = list(splits) or list_splits(cfg)
+    problems = check_dataset(cfg, wanted)
+    for p in problems:
+        click.echo(str(p))
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {data_dir} (splits: {', '.join(wanted)})", err=True)
+        sys.exit(1)
+    click.echo(f"{data_dir}: OK (splits: {', '.join(wanted)})")
+
+
+@data.command("synth")
+@click.argument("out_dir")
+@click.option("--n", default=240, show_default=True, help="Number of images.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=128, show_default=True, help="Image side in pixels.")
+@_user_errors
+def data_synth(out_dir: str, n: int, seed: int, size: int) -> None:
+    """Write the synthetic phantom data set (ImageCLEF layout) to OUT_DIR."""
+    from medcap.phantom import write_phantom
+
+    path = write_phantom(out_dir, n=n, seed=seed, image_size=size)
+    click.echo(f"wrote {n} phantom images to {path}")
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _config_options(fn):
+    fn = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. --set retrieval.k=3 (repeatable).",
+    )(fn)
+    return click.argument("config", type=click.Path(dir_okay=False))(fn)
+
+
+def _pipeline(config: str, overrides: tuple[str, ...]):
+    from medcap.pipeline import Pipeline
+
+    return Pipeline(load_config(config, overrides))
+
+
+def _report(pipe) -> None:
+    ran = [s for s in pipe.history if s.ran]
+    cached = [s for s in pipe.history if not s.ran]
+    click.echo(f"{len(ran)} artifact(s) written, {len(cached)} up to date, in {pipe.run.root}")
+    for s in pipe.history:
+        click.echo(f"  {'done  ' if s.ran else 'cached'} {s.stage:<9} {s.artifact}")
+
+
+@main.command("run")
+@_config_options
+@click.option("--only", multiple=True, help="Run only this stage (repeatable).")
+@click.option("--skip", multiple=True, help="Skip this stage (repeatable).")
+@_user_errors
+def run_cmd(config: str, overrides: tuple[str, ...], only: tuple[str, ...], skip: tuple[str, ...]) -> None:
+    """Run the whole pipeline of CONFIG, cached and resumable."""
+    from medcap.pipeline import summarise_scores
+
+    pipe = _pipeline(config, overrides)
+    pipe.run_stages(only, skip)
+    _report(pipe)
+    _print_scores(summarise_scores(pipe.run))
+
+
+def _stage_command(stage: str, help_text: str):
+    @_config_options
+    @_user_errors
+    def command(config: str, overrides: tuple[str, ...]) -> None:
+        pipe = _pipeline(config, overrides)
+        pipe.run_stages(only=[stage])
+        _report(pipe)
+
+    command.__doc__ = help_text
+    return main.command(stage)(command)
+
+
+_stage_command("embed", "Embed the images of every split with the retrieval encoder.")
+_stage_command("index", "Build the FAISS index of the index split.")
+_stage_command("retrieve", "Find each query image's k nearest index images.")
+_stage_command("generate", "Write candidate captions with every generator of the config.")
+
+
+def _run_config(run_dir: str, overrides: tuple[str, ...] = ()):
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not a run directory (no config.yaml); make one with `medcap run CONFIG`")
+    cfg = load_config(cfg_path, overrides)
+    cfg.runs_dir, cfg.name = str(run.parent), run.name
+    return cfg
+
+
+@main.command("evaluate")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--split", "splits", multiple=True, help="Split(s) to score (default: every query split).")
+@click.option("--variant", "variants", multiple=True, help="Candidate set(s) to score (default: all generators).")
+@click.option(
+    "--suite",
+    default="imageclef2024",
+    show_default=True,
+    help="Metric suite; this version scores BERTScore and ROUGE-1.",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override e.g. eval.bertscore_model.")
+@_user_errors
+def evaluate_cmd(run_dir: str, splits, variants, suite: str, overrides) -> None:
+    """Score a run's candidates with the organisers' preprocessing."""
+    from medcap.pipeline import Pipeline, summarise_scores
+
+    pipe = Pipeline(_run_config(run_dir, overrides))
+    for split in splits or pipe.cfg.data.query_splits:
+        for variant in variants or [g.name for g in pipe.cfg.generators]:
+            pipe.evaluate(variant, split)
+    _report(pipe)
+    _print_scores(summarise_scores(pipe.run))
+
+
+@main.command("submit")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--variant", default=None, help="Candidate set to submit (default: the config's submit.variant).")
+@click.option("--year", type=int, default=None, help="Submission rules of this ImageCLEF year.")
+@click.option("--split", default=None, help="Split to submit (default: test if queried, else the last query split).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Output CSV.")
+@_user_errors
+def submit_cmd(run_dir: str, variant: str | None, year: int | None, split: str | None, output: str | None) -> None:
+    """Write (and validate) a competition submission file from a run."""
+    from medcap.pipeline import Pipeline
+
+    pipe = Pipeline(_run_config(run_dir))
+    written = pipe.submit(
+        variant or pipe.submit_variant, split or pipe.submit_split, year, Path(output) if output else None
+    )
+    click.echo(f"wrote {written} (valid for {year or pipe.cfg.submit.year})")
+
+
+@main.command("validate")
+@click.argument("submission", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--testset",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="The test set's ID,Caption CSV (or a list of IDs), in ground-truth order.",
+)
+@click.option("--year", type=int, default=2024, show_default=True)
+@_user_errors
+def validate_cmd(submission: str, testset: str, year: int) -> None:
+    """Check a submission file against a test set with every rule of YEAR."""
+    from medcap.eval.submission import read_test_ids, validate_submission
+
+    problems = validate_submission(Path(submission), read_test_ids(Path(testset)), year)
+    for p in problems:
+        click.echo(str(p))
+    if problems:
+        click.echo(f"{len(problems)} problem(s): {submission} would be rejected in {year}", err=True)
+        sys.exit(1)
+    click.echo(f"{submission}: valid for {year}")
+
+
+def _print_scores(rows: list[dict]) -> None:
+    if not rows:
+        return
+    metrics = sorted({k for r in rows for k in r} - {"variant", "split", "n"})
+    click.echo("\n" + " | ".join(["variant", "split", "n", *metrics]))
+    for r in rows:
+        vals = [f"{r[m]:.4f}" if isinstance(r.get(m), float) else str(r.get(m, "-")) for m in metrics]
+        click.echo(" | ".join([r["variant"], r["split"], str(r["n"]), *vals]))
+
+
+if __name__ == "__main__":
+    main()

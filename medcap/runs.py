@@ -1,0 +1,264 @@
+"""The run directory: artifact paths, manifests, atomic writes and resumable JSONL files.
+
+Every artifact ``X`` has a manifest ``X.manifest.json`` beside it that records the stage that made
+it, the cache key (a hash of the stage's config and of its inputs' keys) and whether it is
+complete. A stage whose artifact has a complete manifest with the expected key is skipped; a
+partial JSONL artifact with the expected key is resumed (finished IDs are skipped); anything else
+is started afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- JSONL
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All complete rows of a JSONL file; a torn last line (a crash mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):  # only the last line can be torn
+                log.warning("%s:%d: ignoring a truncated last line", path, i)
+                continue
+            raise ValueError(f"{path}:{i}: not valid JSON") from None
+    return rows
+
+
+class JsonlWriter:
+    """Appends rows to a JSONL file a batch at a time, flushed and fsynced, so a crash loses one batch."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair()
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def _repair(self) -> None:
+        """Drop a torn last line left by a crash, so appended rows start on a fresh line."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        with self.path.open("r+b") as f:
+            f.truncate(cut)
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def manifest_path(artifact: str | Path) -> Path:
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + ".manifest.json")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What made an artifact: the stage, its cache key, its inputs, and whether it is finished."""
+
+    stage: str
+    key: str
+    complete: bool = False
+    inputs: tuple[str, ...] = ()
+    count: int | None = None
+    info: dict[str, Any] | None = None
+
+    def write(self, artifact: str | Path) -> None:
+        from medcap import __version__
+
+        write_json(
+            manifest_path(artifact),
+            {
+                "stage": self.stage,
+                "key": self.key,
+                "complete": self.complete,
+                "inputs": list(self.inputs),
+                "count": self.count,
+                "info": self.info or {},
+                "medcap_version": __version__,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+
+    @classmethod
+    def read(cls, artifact: str | Path) -> Manifest | None:
+        path = manifest_path(artifact)
+        if not path.exists():
+            return None
+        try:
+            d = read_json(path)
+            return cls(
+                d["stage"],
+                d["key"],
+                bool(d["complete"]),
+                tuple(d.get("inputs", ())),
+                d.get("count"),
+                d.get("info") or {},
+            )
+        except (json.JSONDecodeError, KeyError) as e:
+            log.warning("%s: unreadable manifest (%s); the artifact will be rebuilt", path, e)
+            return None
+
+
+def is_fresh(artifact: str | Path, key: str) -> bool:
+    """True when ``artifact`` exists and its manifest says it is complete and made with ``key``."""
+    m = Manifest.read(artifact)
+    return m is not None and m.complete and m.key == key and Path(artifact).exists()
+
+
+def artifact_key(artifact: str | Path) -> str | None:
+    m = Manifest.read(artifact)
+    return m.key if m is not None and m.complete else None
+
+
+class ResumableJsonl:
+    """A JSONL artifact keyed by image ID that resumes after a crash.
+
+    Opening it with the key that made a partial file keeps the finished rows; opening it with
+    another key (the config changed) starts it afresh. ``done`` is the set of finished IDs.
+    """
+
+    def __init__(self, path: str | Path, stage: str, key: str, inputs: tuple[str, ...] = ()):
+        self.path = Path(path)
+        self.stage, self.key, self.inputs = stage, key, inputs
+        old = Manifest.read(self.path)
+        if (old is None or old.key != key) and self.path.exists():
+            log.info("%s: made with other settings; starting it afresh", self.path)
+            self.path.unlink()
+        self.done: set[str] = {row["id"] for row in read_jsonl(self.path)}
+        if self.done:
+            log.info("%s: resuming, %d IDs already done", self.path, len(self.done))
+        Manifest(stage, key, complete=False, inputs=inputs).write(self.path)
+        self._writer = JsonlWriter(self.path)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self._writer.write(rows)
+        self.done.update(row["id"] for row in rows)
+
+    def finish(self, info: dict[str, Any] | None = None) -> None:
+        self._writer.close()
+        Manifest(self.stage, self.key, complete=True, inputs=self.inputs, count=len(self.done), info=info).write(
+            self.path
+        )
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# --------------------------------------------------------------------------- run layout
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of the artifacts of one run (see docs/architecture.md for the contract)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def embeddings(self, encoder: str, split: str) -> Path:
+        return self.root / "embeddings" / safe_name(encoder) / f"{split}.npy"
+
+    def index(self, encoder: str) -> Path:
+        return self.root / "index" / f"{safe_name(encoder)}.faiss"
+
+    def neighbours(self, split: str) -> Path:
+        return self.root / "neighbours" / f"{split}.jsonl"
+
+    def candidates(self, generator: str, split: str) -> Path:
+        return self.root / "candidates" / safe_name(generator) / f"{split}.jsonl"
+
+    def submission(self, variant: str) -> Path:
+        return self.root / "submissions" / f"{safe_name(variant)}.csv"
+
+    def scores(self, variant: str, split: str) -> Path:
+        return self.root / "scores" / f"{safe_name(variant)}.{split}.json"
+
+    def rejects(self, split: str) -> Path:
+        return self.root / "rejects" / f"{split}.csv"
+
+
+def safe_name(name: str) -> str:
+    """A name usable as a single path component (``local-dir:/a/b`` -> ``local-dir_a_b``)."""
+    out = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return out.strip("_.") or "unnamed"

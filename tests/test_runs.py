@@ -1,0 +1,91 @@
+"""Run directory plumbing: atomic writes, torn JSONL lines, manifests and resumable artifacts."""
+
+import json
+
+import pytest
+
+from medcap.runs import (
+    JsonlWriter,
+    Manifest,
+    ResumableJsonl,
+    RunDir,
+    is_fresh,
+    manifest_path,
+    read_jsonl,
+    safe_name,
+    write_atomic,
+)
+
+
+def test_write_atomic_leaves_no_temp_files(tmp_path):
+    path = write_atomic(tmp_path / "a" / "b.txt", "hello")
+    assert path.read_text() == "hello"
+    write_atomic(path, b"bytes")
+    assert path.read_bytes() == b"bytes"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["b.txt"]
+
+
+def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path):
+    path = write_atomic(tmp_path / "x.txt", "old")
+
+    with pytest.raises(TypeError):
+        write_atomic(path, object())  # type: ignore[arg-type]
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_torn_last_line_is_ignored_and_repaired(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "capt')
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
+    with JsonlWriter(path) as w:
+        w.write([{"id": "d"}])
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "d"]
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+
+
+def test_resumable_jsonl_resumes_with_same_key_and_restarts_with_another(tmp_path):
+    path = tmp_path / "cands.jsonl"
+    sink = ResumableJsonl(path, "generate", "k1")
+    sink.write([{"id": "a"}, {"id": "b"}])
+    sink.close()  # crash before finish()
+    assert not is_fresh(path, "k1")
+    assert Manifest.read(path).complete is False
+
+    again = ResumableJsonl(path, "generate", "k1")
+    assert again.done == {"a", "b"}
+    again.write([{"id": "c"}])
+    again.finish()
+    assert is_fresh(path, "k1") and not is_fresh(path, "k2")
+    assert Manifest.read(path).count == 3
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "c"]
+
+    fresh = ResumableJsonl(path, "generate", "k2")
+    assert fresh.done == set()
+    fresh.finish()
+    assert read_jsonl(path) == []
+
+
+def test_manifest_roundtrip_and_unreadable_manifest(tmp_path):
+    art = tmp_path / "x.npy"
+    art.write_bytes(b"1")
+    Manifest("embed", "abc", complete=True, inputs=("y",), count=3).write(art)
+    m = Manifest.read(art)
+    assert (m.stage, m.key, m.complete, m.inputs, m.count) == ("embed", "abc", True, ("y",), 3)
+    assert json.loads(manifest_path(art).read_text())["medcap_version"]
+    manifest_path(art).write_text("{broken")
+    assert Manifest.read(art) is None and not is_fresh(art, "abc")
+
+
+def test_run_dir_layout(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.embeddings("local-dir:/a/b", "train") == tmp_path / "embeddings" / "local-dir__a_b" / "train.npy"
+    assert run.candidates("nearest", "valid") == tmp_path / "candidates" / "nearest" / "valid.jsonl"
+    assert run.neighbours("valid").name == "valid.jsonl"
+    assert safe_name("..") == "unnamed"
