@@ -229,13 +229,14 @@ class Pipeline:
         key = config_hash("submit", year, split, self.candidates_key(generator, split))
         if is_fresh(out, key):
             self._record("submit", out, False)
-            return out
+            return Path(Manifest.read(out).info.get("upload", out))
         order = [ex.id for ex in self.split(split).examples]
         written = write_submission(self.candidates(generator, split), out, year, order=order)
         problems = validate_submission(written, order, year)
         if problems:
             raise InputError(problems, f"{written}: the submission written fails the {year} rules")
-        Manifest("submit", key, complete=True, count=len(order), info={"year": year, "split": split}).write(out)
+        info = {"year": year, "split": split, "upload": str(written)}
+        Manifest("submit", key, complete=True, count=len(order), info=info).write(out)
         self._record("submit", out, True)
         return written
 
@@ -282,6 +283,8 @@ def summarise_scores(run: RunDir) -> list[dict[str, Any]]:
     """One row per scores file of a run: variant, split and corpus metrics."""
     rows = []
     for path in sorted((run.root / "scores").glob("*.json")):
+        if path.name.endswith(".manifest.json"):
+            continue
         s = read_json(path)
         rows.append({"variant": s["variant"], "split": s["split"], "n": s.get("n"), **s.get("metrics", {})})
     return rows
