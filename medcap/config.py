@@ -55,7 +55,7 @@ class IndexConfig:
 
     kind: str = "flat"  # flat (exact inner product) | ivf | hnsw
     nlist: int | None = None  # IVF cells; default 4*sqrt(n)
-    nprobe: int = 16  # IVF cells visited per query
+    nprobe: int = 64  # IVF cells visited per query (recall vs speed: bench/retrieval.py)
     hnsw_m: int = 32  # HNSW graph degree
     ef_construction: int = 200
     ef_search: int = 128

