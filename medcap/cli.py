@@ -157,6 +157,36 @@ _stage_command("retrieve", "Find each query image's k nearest index images.")
 _stage_command("generate", "Write candidate captions with every generator of the config.")
 
 
+@main.group()
+def train() -> None:
+    """Train models: a generator's LoRA adapter (SFT) or prefix captioner."""
+
+
+@train.command("generator")
+@click.argument("name")
+@click.option("-c", "--config", required=True, type=click.Path(dir_okay=False), help="Run config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@_user_errors
+def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...]) -> None:
+    """Train generator NAME of CONFIG on the index split (its inputs are made or taken from the cache)."""
+    from medcap.generators import needs_training
+
+    pipe = _pipeline(config, overrides)
+    gcfg = pipe.generator_cfg(name)
+    if not needs_training(gcfg):
+        raise ValueError(
+            f"generator {name} ({gcfg.kind}, mode {gcfg.mode}) has nothing to train: "
+            "use kind: prefix, or a multimodal LLM with mode: sft and no adapter"
+        )
+    split = pipe.cfg.data.index_split
+    if gcfg.kind == "prefix" or gcfg.mode == "few-shot":
+        pipe.embed(split)
+    if gcfg.mode == "few-shot":
+        pipe.build_index()
+    pipe.train(name)
+    _report(pipe)
+
+
 def _run_config(run_dir: str, overrides: tuple[str, ...] = ()):
     run = Path(run_dir)
     cfg_path = run / "config.yaml"

@@ -8,19 +8,24 @@ and the data alone, so any stage can be run by itself once its inputs exist.
 from __future__ import annotations
 
 import logging
+import random
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from medcap.config import RunConfig, config_hash, dump_config
 from medcap.data import SplitData, load_split, write_rejects
+from medcap.generators import GeneratorInputs, build_generator, needs_training, train_model
 from medcap.records import Candidate, NeighbourList
 from medcap.runs import Manifest, ResumableJsonl, RunDir, is_fresh, read_json, read_jsonl, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("embed", "index", "retrieve", "generate", "evaluate", "submit")
+STAGES = ("embed", "index", "retrieve", "train", "generate", "evaluate", "submit")
 
 
 class StageInputError(RuntimeError):
@@ -91,8 +96,22 @@ class Pipeline:
         index_data = self.data_key(self.cfg.data.index_split)
         return config_hash("retrieve", r.k, r.exclude_same_group, self.index_key(), self.embed_key(split), index_data)
 
+    def model_key(self, generator: str) -> str:
+        """Key of a generator's trained model: what shapes training, not how it decodes or is served."""
+        g, index_split = self.generator_cfg(generator), self.cfg.data.index_split
+        shaping = (g.kind, g.model, g.mode, g.k, g.shot_images, g.prompt, g.max_pixels, g.lora, g.train, g.prefix)
+        inputs = [self.data_key(index_split)]
+        if g.kind == "prefix":
+            inputs.append(self.embed_key(index_split))
+        if g.mode == "few-shot":
+            inputs.append(self.neighbours_key(index_split))
+        return config_hash("train", shaping, inputs)
+
     def candidates_key(self, generator: str, split: str) -> str:
-        return config_hash("generate", self.generator_cfg(generator), self.neighbours_key(split))
+        g = self.generator_cfg(generator)
+        trained = self.model_key(generator) if needs_training(g) else None
+        embedded = self.embed_key(split) if g.kind == "prefix" else None
+        return config_hash("generate", g, self.neighbours_key(split), trained, embedded)
 
     def generator_cfg(self, name: str):
         for g in self.cfg.generators:
@@ -177,22 +196,72 @@ class Pipeline:
         self._record("retrieve", out, True)
         return out
 
-    def generate(self, generator: str, split: str) -> Path:
-        from medcap.generators import get_generator
+    def neighbour_lists(self, split: str) -> dict[str, NeighbourList]:
+        path = self.run.neighbours(split)
+        self._require(path, self.neighbours_key(split), "medcap retrieve CONFIG")
+        return {row["id"]: NeighbourList.from_json(row) for row in read_jsonl(path)}
 
+    def train(self, generator: str) -> Path | None:
+        """Train the generator's model (prefix captioner, LoRA adapter) on the index split, if it needs one."""
+        gcfg, index_split = self.generator_cfg(generator), self.cfg.data.index_split
+        if not needs_training(gcfg):
+            return None
+        out, key = self.run.model(generator), self.model_key(generator)
+        if is_fresh(out, key):
+            self._record("train", out, False)
+            return out
+        old = Manifest.read(out)
+        if old is not None and old.key != key and out.exists():
+            log.info("%s: trained with other settings; training afresh", out)
+            shutil.rmtree(out)
+        Manifest("train", key, complete=False).write(out)  # checkpoints under `out` resume with this key
+        nbs = {}
+        if gcfg.mode == "few-shot":
+            self.retrieve(index_split)
+            nbs = self.neighbour_lists(index_split)
+        embeddings = None
+        if gcfg.kind == "prefix":
+            embeddings = self.run.embeddings(self.cfg.retrieval.encoder.name, index_split)
+            self._require(embeddings, self.embed_key(index_split), "medcap embed CONFIG")
+        items = [(ex, nbs.get(ex.id)) for ex in self.split(index_split).examples]
+        train_items, valid_items = holdout(items, self.cfg.seed)
+        train_model(gcfg, out, train_items, valid_items, embeddings=embeddings)
+        Manifest("train", key, complete=True, count=len(train_items), info={"valid": len(valid_items)}).write(out)
+        self._record("train", out, True)
+        return out
+
+    def generate(self, generator: str, split: str) -> Path:
         gcfg = self.generator_cfg(generator)
         out, key = self.run.candidates(generator, split), self.candidates_key(generator, split)
         if is_fresh(out, key):
             self._record("generate", out, False)
             return out
-        nb_path = self.run.neighbours(split)
-        self._require(nb_path, self.neighbours_key(split), "medcap retrieve CONFIG")
-        neighbours = [NeighbourList.from_json(row) for row in read_jsonl(nb_path)]
-        generate = get_generator(gcfg.kind)
-        sink = ResumableJsonl(out, "generate", key, inputs=(str(nb_path),))
-        todo = [n for n in neighbours if n.id not in sink.done]
-        for start in range(0, len(todo), 256):
-            sink.write([c.to_json() for c in generate(gcfg, todo[start : start + 256])])
+        neighbours = self.neighbour_lists(split)
+        if needs_training(gcfg):
+            self._require(self.run.model(generator), self.model_key(generator), f"medcap train generator {generator}")
+        enc = self.cfg.retrieval.encoder.name
+        inputs = GeneratorInputs(
+            model_dir=self.run.model(generator),
+            embeddings=self.run.embeddings(enc, split) if gcfg.kind == "prefix" else None,
+            index_examples={ex.id: ex for ex in self.split(self.cfg.data.index_split).examples},
+        )
+        sink = ResumableJsonl(out, "generate", key, inputs=(str(self.run.neighbours(split)),))
+        todo = [(ex, neighbours.get(ex.id)) for ex in self.split(split).examples if ex.id not in sink.done]
+        if todo:
+            generate = build_generator(gcfg, inputs)
+            size = max(1, gcfg.engine.batch_size) if gcfg.kind not in ("nearest", "consensus") else 256
+            try:
+                for start in tqdm(
+                    range(0, len(todo), size),
+                    desc=f"generate {generator}/{split}",
+                    unit="batch",
+                    disable=len(todo) <= size,
+                ):
+                    sink.write([c.to_json() for c in generate(todo[start : start + size])])
+            finally:
+                close = getattr(generate, "close", None)
+                if close is not None:
+                    close()
         sink.finish()
         self._record("generate", out, True)
         return out
@@ -266,6 +335,9 @@ class Pipeline:
             elif stage == "retrieve":
                 for split in self.cfg.data.query_splits:
                     self.retrieve(split)
+            elif stage == "train":
+                for g in gens:
+                    self.train(g)
             elif stage == "generate":
                 for split in self.cfg.data.query_splits:
                     for g in gens:
@@ -277,6 +349,18 @@ class Pipeline:
             elif stage == "submit":
                 self.submit(self.submit_variant, self.submit_split)
         return self.history
+
+
+def holdout(items: list, seed: int, frac: float = 0.1) -> tuple[list, list]:
+    """Split training items into train and a small validation part, by case so no case is in both."""
+    groups = sorted({ex.group or ex.id for ex, _ in items})
+    if len(groups) < 2:
+        return items, items[:0]
+    random.Random(seed).shuffle(groups)
+    held = set(groups[: max(1, round(frac * len(groups)))])
+    return [it for it in items if (it[0].group or it[0].id) not in held], [
+        it for it in items if (it[0].group or it[0].id) in held
+    ]
 
 
 def summarise_scores(run: RunDir) -> list[dict[str, Any]]:

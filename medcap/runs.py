@@ -248,6 +248,9 @@ class RunDir:
     def candidates(self, generator: str, split: str) -> Path:
         return self.root / "candidates" / safe_name(generator) / f"{split}.jsonl"
 
+    def model(self, generator: str) -> Path:
+        return self.root / "models" / safe_name(generator)
+
     def submission(self, variant: str) -> Path:
         return self.root / "submissions" / f"{safe_name(variant)}.csv"
 
