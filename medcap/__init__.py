@@ -1,3 +1,14 @@
 """medcap: diagnostic captions for medical images with a multi-stage ensemble."""
 
 __version__ = "0.1.0"
+
+__all__ = ["Captioner", "caption", "__version__"]
+
+
+def __getattr__(name: str):
+    # the API pulls in torch and friends: import it only when it is used, so `import medcap` stays light
+    if name in ("Captioner", "caption"):
+        from medcap import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'medcap' has no attribute {name!r}")

@@ -187,6 +187,28 @@ def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...]) -> N
     _report(pipe)
 
 
+@main.command("ablate")
+@_config_options
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    metavar="NAME[@OUTPUT]:KEY=VALUE;...",
+    help="A variant (repeatable), e.g. 'k1@consensus:retrieval.k=1'. Default: the config's ablation section.",
+)
+@click.option("--reference", default=None, help="Variant the others are tested against (default: the first).")
+@click.option("--split", default=None, help="Split to score (default: the first query split).")
+@_user_errors
+def ablate_cmd(config: str, overrides, variants, reference, split) -> None:
+    """Run variants of CONFIG through the shared cache: ablation.md (table, intervals, tests) + ablation.png."""
+    from medcap.ablate import parse_variant, run_ablation
+
+    cfg = load_config(config, overrides)
+    result = run_ablation(cfg, [parse_variant(v) for v in variants] or None, reference, split)
+    click.echo(result.table_md.read_text())
+    click.echo(f"wrote {result.table_md} and {result.plot}")
+
+
 def _run_config(run_dir: str, overrides: tuple[str, ...] = ()):
     run = Path(run_dir)
     cfg_path = run / "config.yaml"

@@ -177,6 +177,23 @@ class SubmitConfig:
 
 
 @dataclass
+class VariantConfig:
+    """One ablation variant: overrides of the run config, and the caption set it is judged by."""
+
+    name: str = "base"
+    set: list[str] = field(default_factory=list)  # KEY=VALUE overrides, as with --set
+    output: str | None = None  # generator whose captions are scored; default: submit.variant
+
+
+@dataclass
+class AblationConfig:
+    variants: list[VariantConfig] = field(default_factory=list)  # empty: each generator alone + k in {1, 3, 5}
+    reference: str | None = None  # the variant others are tested against; default: the first
+    split: str | None = None  # default: the first query split with captions
+    n_boot: int = 1000  # bootstrap resamples for intervals and paired tests
+
+
+@dataclass
 class RunConfig:
     name: str = "default"  # run folder name under runs_dir
     runs_dir: str = "runs"
@@ -188,6 +205,7 @@ class RunConfig:
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -216,7 +234,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         cfg = from_dict(RunConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path or 'defaults'}: {e}") from e
-    _check(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -227,7 +245,7 @@ def _materialise(data: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _check(cfg: RunConfig) -> None:
+def check_config(cfg: RunConfig) -> None:
     choices = {
         "data.format": (cfg.data.format, {"imageclef", "manifest", "hf"}),
         "data.on_error": (cfg.data.on_error, {"raise", "skip"}),

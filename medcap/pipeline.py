@@ -21,7 +21,17 @@ from medcap.config import RunConfig, config_hash, dump_config
 from medcap.data import SplitData, load_split, write_rejects
 from medcap.generators import GeneratorInputs, build_generator, needs_training, train_model
 from medcap.records import Candidate, NeighbourList
-from medcap.runs import Manifest, ResumableJsonl, RunDir, is_fresh, read_json, read_jsonl, write_atomic, write_json
+from medcap.runs import (
+    Manifest,
+    ResumableJsonl,
+    RunDir,
+    borrow,
+    is_fresh,
+    read_json,
+    read_jsonl,
+    write_atomic,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,7 @@ class Pipeline:
     """One run: its config, its run directory, and what each stage did in this process."""
 
     cfg: RunConfig
+    peers: list[Path] = field(default_factory=list)  # other run folders whose fresh artifacts may be reused
     history: list[StageRun] = field(default_factory=list)
     _splits: dict[str, SplitData] = field(default_factory=dict, repr=False)
     _encoder: Any = field(default=None, repr=False)
@@ -123,6 +134,10 @@ class Pipeline:
         self.history.append(StageRun(stage, artifact, ran))
         log.info("%s %s: %s", stage, artifact, "done" if ran else "up to date")
 
+    def _cached(self, artifact: Path, key: str) -> bool:
+        """Up to date here, or taken from a peer run that made it with the same key (ablation variants)."""
+        return is_fresh(artifact, key) or borrow(artifact, key, self.peers, self.run.root)
+
     def _require(self, artifact: Path, key: str, how: str) -> None:
         if not is_fresh(artifact, key):
             raise StageInputError(f"{artifact} is missing or out of date for this config: run `{how}` first")
@@ -133,7 +148,7 @@ class Pipeline:
         from medcap.retrieval.encoders import load_encoder
 
         out, key = self.run.embeddings(self.cfg.retrieval.encoder.name, split), self.embed_key(split)
-        if is_fresh(out, key):
+        if self._cached(out, key):
             self._record("embed", out, False)
             return out
         if self._encoder is None:
@@ -148,7 +163,7 @@ class Pipeline:
 
         enc, split = self.cfg.retrieval.encoder.name, self.cfg.data.index_split
         out, key = self.run.index(enc), self.index_key()
-        if is_fresh(out, key):
+        if self._cached(out, key):
             self._record("index", out, False)
             return out
         emb = self.run.embeddings(enc, split)
@@ -166,7 +181,7 @@ class Pipeline:
 
         r, enc = self.cfg.retrieval, self.cfg.retrieval.encoder.name
         out, key = self.run.neighbours(split), self.neighbours_key(split)
-        if is_fresh(out, key):
+        if self._cached(out, key):
             self._record("retrieve", out, False)
             return out
         index_path, emb = self.run.index(enc), self.run.embeddings(enc, split)
@@ -207,7 +222,7 @@ class Pipeline:
         if not needs_training(gcfg):
             return None
         out, key = self.run.model(generator), self.model_key(generator)
-        if is_fresh(out, key):
+        if self._cached(out, key):
             self._record("train", out, False)
             return out
         old = Manifest.read(out)
@@ -233,7 +248,7 @@ class Pipeline:
     def generate(self, generator: str, split: str) -> Path:
         gcfg = self.generator_cfg(generator)
         out, key = self.run.candidates(generator, split), self.candidates_key(generator, split)
-        if is_fresh(out, key):
+        if self._cached(out, key):
             self._record("generate", out, False)
             return out
         neighbours = self.neighbour_lists(split)
@@ -280,7 +295,7 @@ class Pipeline:
             return None
         out = self.run.scores(generator, split)
         key = config_hash("evaluate", self.cfg.eval, self.candidates_key(generator, split), self.data_key(split))
-        if is_fresh(out, key):
+        if self._cached(out, key):
             self._record("evaluate", out, False)
             return out
         result = evaluate(refs, self.candidates(generator, split), self.cfg.eval)
@@ -296,7 +311,7 @@ class Pipeline:
         year = year or self.cfg.submit.year
         out = out or self.run.submission(generator)
         key = config_hash("submit", year, split, self.candidates_key(generator, split))
-        if is_fresh(out, key):
+        if self._cached(out, key):
             self._record("submit", out, False)
             return Path(Manifest.read(out).info.get("upload", out))
         order = [ex.id for ex in self.split(split).examples]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -180,6 +181,44 @@ def is_fresh(artifact: str | Path, key: str) -> bool:
     """True when ``artifact`` exists and its manifest says it is complete and made with ``key``."""
     m = Manifest.read(artifact)
     return m is not None and m.complete and m.key == key and Path(artifact).exists()
+
+
+def borrow(artifact: Path, key: str, peers: list[Path], root: Path) -> bool:
+    """Link a fresh copy of ``artifact`` (with its manifest and side files) from a peer run, if one has it.
+
+    ``artifact`` lies under run folder ``root``; a peer holds the same relative path. Files are
+    hard-linked where the file system allows (artifacts are never modified in place), else copied.
+    """
+    rel = Path(artifact).relative_to(root)
+    for peer in peers:
+        src = Path(peer) / rel
+        if Path(peer).resolve() == Path(root).resolve() or not is_fresh(src, key):
+            continue
+        dst = Path(artifact)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        else:
+            for side in src.parent.glob(src.stem + ".*"):
+                if side.is_file() and side != manifest_path(src):
+                    _link_or_copy(side, dst.parent / side.name)
+        _link_or_copy(manifest_path(src), manifest_path(dst))  # last: the copy is fresh only when whole
+        log.info("%s: taken from %s", dst, src)
+        return True
+    return False
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 def artifact_key(artifact: str | Path) -> str | None:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medcap.config import GeneratorConfig
 from medcap.generators.neighbour import consensus, nearest
 from medcap.records import Candidate, Example, NeighbourList
@@ -27,6 +29,7 @@ class GeneratorInputs:
 
     model_dir: Path  # runs/NAME/models/GENERATOR (trained adapter or prefix model)
     embeddings: Path | None = None  # the split's retrieval embeddings (the prefix captioner reads them)
+    vectors: tuple[list[str], np.ndarray] | None = None  # or the same in memory: (ids, rows)
     index_examples: dict[str, Example] | None = None  # neighbours' images for few-shot with images
 
 
@@ -55,10 +58,10 @@ def _prefix_builder(cfg: GeneratorConfig, inputs: GeneratorInputs) -> Generator:
     from medcap.generators.prefix_train import PrefixGenerator
     from medcap.retrieval.embed import load_embeddings
 
-    if inputs.embeddings is None:
+    if inputs.vectors is None and inputs.embeddings is None:
         raise ValueError(f"generator {cfg.name}: the prefix captioner needs the split's retrieval embeddings")
     model = PrefixGenerator(cfg, inputs.model_dir)
-    ids, vectors = load_embeddings(inputs.embeddings)
+    ids, vectors = inputs.vectors if inputs.vectors is not None else load_embeddings(inputs.embeddings)
     row = {id_: i for i, id_ in enumerate(ids)}
 
     def generate(items: list[Item]) -> list[Candidate]:

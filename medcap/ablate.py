@@ -1,0 +1,115 @@
+"""``medcap ablate``: run variants of one config through a shared cache and compare them.
+
+Each variant is the run config plus ``--set``-style overrides, run in its own folder under
+``runs/NAME/ablation/VARIANT``. Before a variant runs a stage it looks for an artifact made with
+the same key in the main run and the variants before it, and links it instead of recomputing:
+the embeddings and the index of a ``retrieval.k`` sweep are made once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from medcap.config import RunConfig, VariantConfig, check_config
+from medcap.configio import ConfigError, apply_overrides, from_dict, to_dict
+from medcap.runs import read_json, safe_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AblationResult:
+    table_md: Path
+    plot: Path
+    table: object  # pandas.DataFrame: variants x metrics
+    executions: Counter  # stage -> times it really ran (not taken from the cache)
+
+
+def default_variants(cfg: RunConfig) -> list[VariantConfig]:
+    """Each generator alone, and the submitted generator with k in {1, 3, 5} neighbours."""
+    target = cfg.submit.variant or cfg.generators[-1].name
+    variants = [VariantConfig(name=g.name, output=g.name) for g in cfg.generators]
+    variants += [
+        VariantConfig(name=f"{target}-k{k}", set=[f"retrieval.k={k}"], output=target)
+        for k in (1, 3, 5)
+        if k != cfg.retrieval.k
+    ]
+    return variants
+
+
+def parse_variant(text: str) -> VariantConfig:
+    """``NAME[@OUTPUT]:KEY=VALUE;KEY=VALUE`` (overrides optional), e.g. ``k1@consensus:retrieval.k=1``."""
+    head, _, sets = text.partition(":")
+    name, _, output = head.partition("@")
+    if not name.strip():
+        raise ConfigError(f"variant {text!r}: expected NAME[@OUTPUT]:KEY=VALUE;KEY=VALUE")
+    overrides = [s.strip() for s in sets.split(";") if s.strip()]
+    return VariantConfig(name=name.strip(), set=overrides, output=output.strip() or None)
+
+
+def variant_config(cfg: RunConfig, variant: VariantConfig, split: str) -> RunConfig:
+    """The run config of one variant: overrides applied, its own folder, only the ablation split queried."""
+    try:
+        vcfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), list(variant.set)))
+    except ConfigError as e:
+        raise ConfigError(f"ablation variant {variant.name!r}: {e}") from e
+    check_config(vcfg)
+    vcfg.runs_dir = str(Path(cfg.run_dir) / "ablation")
+    vcfg.name = safe_name(variant.name)
+    vcfg.data.query_splits = [split]
+    return vcfg
+
+
+def run_ablation(
+    cfg: RunConfig, variants: list[VariantConfig] | None = None, reference: str | None = None, split: str | None = None
+) -> AblationResult:
+    """Run every variant (sharing cached stages), score it, and write ablation.md and ablation.png."""
+    import pandas as pd
+
+    from medcap.eval.ablation import VariantScores, ablation_table, plot_ablation, write_ablation_md
+    from medcap.pipeline import Pipeline
+
+    variants = variants or cfg.ablation.variants or default_variants(cfg)
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"ablation: variant names must be unique, got {names}")
+    reference = reference or cfg.ablation.reference or names[0]
+    if reference not in names:
+        raise ConfigError(f"ablation: reference {reference!r} is not a variant; variants: {names}")
+    split = split or cfg.ablation.split or cfg.data.query_splits[0]
+
+    peers = [Path(cfg.run_dir)]
+    executions: Counter = Counter()
+    scored = []
+    for variant in variants:
+        vcfg = variant_config(cfg, variant, split)
+        output = variant.output or vcfg.submit.variant or vcfg.generators[-1].name
+        pipe = Pipeline(vcfg, peers=list(peers))
+        pipe.generator_cfg(output)  # fails early, naming the generator, if the variant lacks it
+        vcfg.generators = [g for g in vcfg.generators if g.name == output]  # run only what is scored
+        pipe.run_stages(skip=("submit",))
+        executions.update(s.stage for s in pipe.history if s.ran)
+        scores_path = pipe.run.scores(output, split)
+        if not scores_path.exists():
+            raise ConfigError(f"ablation variant {variant.name!r}: split {split!r} has no reference captions to score")
+        per_image = pd.DataFrame.from_dict(read_json(scores_path)["per_image"], orient="index").sort_index()
+        scored.append(VariantScores(variant.name, per_image))
+        peers.append(pipe.run.root)
+        log.info("ablation: %s done (%s)", variant.name, ", ".join(f"{k}={v:.4f}" for k, v in per_image.mean().items()))
+
+    table = ablation_table(scored, reference, n_boot=cfg.ablation.n_boot, seed=cfg.seed)
+    root = Path(cfg.run_dir)
+    ran = ", ".join(f"{stage} x{n}" for stage, n in sorted(executions.items())) or "nothing (all cached)"
+    notes = [
+        f"split: {split}; {len(scored[0].per_image)} images; reference: {reference}",
+        f"stages executed across variants: {ran}",
+    ]
+    notes += [f"`{v.name}`: {'; '.join(v.set) or 'the run config'} -> {v.output or 'submit.variant'}" for v in variants]
+    md = write_ablation_md(
+        table, root / "ablation.md", title=f"Ablation of {cfg.name}", reference=reference, notes=notes
+    )
+    png = plot_ablation(table, root / "ablation.png")
+    return AblationResult(md, png, table, executions)
