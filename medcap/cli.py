@@ -209,6 +209,20 @@ def ablate_cmd(config: str, overrides, variants, reference, split) -> None:
     click.echo(f"wrote {result.table_md} and {result.plot}")
 
 
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default=None, help="Split to show (default: the first query split with artifacts).")
+@click.option("--max-images", type=int, default=None, help="Show only the first N images.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Output HTML file.")
+@_user_errors
+def report_cmd(run_dir: str, split: str | None, max_images: int | None, out: str | None) -> None:
+    """Write RUN_DIR/report.html: a self-contained gallery of images, neighbours, captions and scores."""
+    from medcap.eval.report import write_report
+
+    path = write_report(Path(run_dir), Path(out) if out else None, split=split, max_images=max_images)
+    click.echo(f"wrote {path}")
+
+
 def _run_config(run_dir: str, overrides: tuple[str, ...] = ()):
     run = Path(run_dir)
     cfg_path = run / "config.yaml"

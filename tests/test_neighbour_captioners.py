@@ -5,7 +5,7 @@ import pytest
 
 from medcap.config import GeneratorConfig
 from medcap.generators import get_generator
-from medcap.generators.neighbour import pick_consensus, rouge1_matrix
+from medcap.similarity import pick_consensus, rouge1_matrix
 from medcap.records import Neighbour, NeighbourList
 
 

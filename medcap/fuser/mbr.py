@@ -1,0 +1,63 @@
+"""Training-free fusion: minimum-Bayes-risk selection and image-caption reranking.
+
+These are the baselines the learned LM-Fuser must beat. Both pick one of the candidates, so the
+fused caption is always a caption some generator wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from medcap.config import FusionConfig
+from medcap.records import Candidate
+from medcap.similarity import expected_utility, get_similarity
+
+Item = tuple[str, dict[str, str]]  # image ID, {generator: caption}
+
+
+def mbr_fuse(cfg: FusionConfig, items: Sequence[Item]) -> list[Candidate]:
+    """Per image, the candidate with the highest expected utility (mean similarity) against the others."""
+    similarity = get_similarity(cfg.utility)
+    out = []
+    for image_id, candidates in items:
+        names, captions = _unpack(image_id, candidates)
+        utility = expected_utility(captions, similarity)
+        best = int(np.argmax(utility))  # ties: the first generator in the config's order
+        out.append(
+            Candidate(
+                image_id, captions[best], cfg.name, {"source": names[best], "utility": round(float(utility[best]), 6)}
+            )
+        )
+    return out
+
+
+def rerank_fuse(
+    cfg: FusionConfig, items: Sequence[Item], image_vectors: dict[str, np.ndarray], encoder: Any
+) -> list[Candidate]:
+    """Per image, the candidate whose text embedding is closest to the image embedding (CLIP similarity).
+
+    ``encoder`` is the retrieval encoder (``encode_texts``); ``image_vectors`` its L2-normalised image
+    embeddings. Meaningful only for an encoder whose text tower was trained with its image tower.
+    """
+    out = []
+    for image_id, candidates in items:
+        names, captions = _unpack(image_id, candidates)
+        texts = encoder.encode_texts(captions)
+        scores = texts @ np.asarray(image_vectors[image_id], dtype=np.float32)
+        best = int(np.argmax(scores))
+        out.append(
+            Candidate(
+                image_id, captions[best], cfg.name, {"source": names[best], "similarity": round(float(scores[best]), 6)}
+            )
+        )
+    return out
+
+
+def _unpack(image_id: str, candidates: dict[str, str]) -> tuple[list[str], list[str]]:
+    if not candidates:
+        raise ValueError(f"image {image_id}: no candidates to fuse")
+    names = list(candidates)
+    return names, [candidates[n] for n in names]
