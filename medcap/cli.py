@@ -249,9 +249,12 @@ def evaluate_cmd(run_dir: str, splits, variants, suite: str, overrides) -> None:
     """Score a run's candidates with the organisers' preprocessing."""
     from medcap.pipeline import Pipeline, summarise_scores
 
-    pipe = Pipeline(_run_config(run_dir, overrides))
+    cfg = _run_config(run_dir, overrides)
+    if suite:
+        cfg.eval.suite, cfg.eval.metrics = suite, None
+    pipe = Pipeline(cfg)
     for split in splits or pipe.cfg.data.query_splits:
-        for variant in variants or [g.name for g in pipe.cfg.generators]:
+        for variant in variants or [o for o in pipe.outputs if pipe.output_path(o, split).exists()]:
             pipe.evaluate(variant, split)
     _report(pipe)
     _print_scores(summarise_scores(pipe.run))

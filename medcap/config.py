@@ -158,16 +158,59 @@ class GeneratorConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    folds: int = 0  # >= 2: cross-fit on the index split (K models, each writes its held-out fold's candidates)
+
+
+@dataclass
+class SynthesizerConfig:
+    """An instruction LLM that reads the neighbours' captions and the candidates and writes one caption."""
+
+    name: str = "synthesis"  # the folder under synthesis/
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"  # hub id, local path, or smollm2 (offline)
+    candidates: list[str] = field(default_factory=list)  # generators whose captions it reads; empty: all
+    k: int = 5  # neighbours' captions shown
+    use_concepts: bool = True  # show the neighbours' concepts where the data has them
+    multimodal: bool = False  # also show the image (the model must be a VLM family: set family)
+    family: str | None = None  # VLM family when multimodal (llava, qwen2_5_vl, medgemma, smolvlm)
+    template: str = "v1"  # prompt template version (medcap/synthesizer/templates.py), or a custom text
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class FusionConfig:
+    """Turns the candidates of several generators into one caption per image."""
+
+    name: str = "mbr"  # the folder under fused/
+    kind: str = "mbr"  # mbr (consensus by expected utility) | rerank (image-caption similarity) | lm (LM-Fuser)
+    candidates: list[str] = field(default_factory=list)  # generators (or synthesis names) it reads; empty: all
+    utility: str = "rouge1"  # mbr: rouge1 | bertscore | embedding
+    model: str = "smollm2"  # lm: the fuser's base causal LM (smollm2 offline, Qwen/Qwen2.5-0.5B-Instruct, ...)
+    use_neighbours: bool = False  # lm: also show the neighbours' captions
+    k: int = 3  # lm: neighbours shown when use_neighbours
+    train_split: str = "valid"  # lm: split whose candidates it trains on (never one the generators trained on)
+    lora: LoraConfig | None = None  # lm: LoRA, or None for full fine-tuning
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["bertscore", "rouge1"])
+    suite: str = "imageclef2024"  # imageclef2023 | imageclef2024 | imageclef2025: metric set and preprocessing
+    metrics: list[str] | None = field(default_factory=lambda: ["bertscore", "rouge1"])  # a subset; None: all
     bertscore_model: str = "microsoft/deberta-xlarge-mnli"  # hub id, local path, or "minilm" (offline)
     bertscore_num_layers: int | None = None  # required for local paths (bert-score cannot guess)
-    bertscore_idf: bool = False  # 2025 used idf weights from the references
+    bertscore_idf: bool = False  # overridden by the suite (2025: idf weights from the references)
+    bertscore_measure: str | None = None  # f1 | recall | precision; None: the suite's
     batch_size: int = 32
     device: str = "auto"
+    bootstrap: int = 1000  # resamples for the 95% intervals (0: none)
+    clip_encoder: EncoderConfig = field(default_factory=EncoderConfig)  # CLIPScore / 2025 similarity encoder
+    bleurt_checkpoint: str = "lucadiliello/BLEURT-20-D12"  # hub id or local folder; skipped when absent
+    clinicalbleurt_checkpoint: str | None = None  # ClinicalBLEURT checkpoint; skipped when unset
+    medbertscore_model: str | None = None  # MedBERTScore's BERT model; skipped when unset
+    medbertscore_num_layers: int | None = None
 
 
 @dataclass
@@ -203,6 +246,8 @@ class RunConfig:
     generators: list[GeneratorConfig] = field(
         default_factory=lambda: [GeneratorConfig("nearest", "nearest"), GeneratorConfig("consensus", "consensus")]
     )
+    synthesizers: list[SynthesizerConfig] = field(default_factory=list)
+    fusers: list[FusionConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
@@ -258,9 +303,16 @@ def check_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {sorted(allowed)}")
     if cfg.retrieval.k < 1:
         raise ConfigError(f"retrieval.k: must be at least 1, got {cfg.retrieval.k}")
-    names = [g.name for g in cfg.generators]
+    names = [o.name for o in (*cfg.generators, *cfg.synthesizers, *cfg.fusers)]
     if len(set(names)) != len(names):
-        raise ConfigError(f"generators: names must be unique, got {names}")
+        raise ConfigError(f"generators, synthesizers and fusers: names must be unique, got {names}")
+    for f in cfg.fusers:
+        if f.kind not in ("mbr", "rerank", "lm"):
+            raise ConfigError(f"fusers.{f.name}.kind: {f.kind!r} is not one of ['lm', 'mbr', 'rerank']")
+    for o in (*cfg.synthesizers, *cfg.fusers):
+        unknown = [c for c in o.candidates if c not in names or c == o.name]
+        if unknown:
+            raise ConfigError(f"{o.name}.candidates: {unknown} name no generator or synthesizer of this config")
     for g in cfg.generators:
         for key, value, allowed in (
             ("mode", g.mode, {"zero-shot", "sft", "few-shot"}),

@@ -8,18 +8,14 @@ and the data alone, so any stage can be run by itself once its inputs exist.
 from __future__ import annotations
 
 import logging
-import random
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from medcap.config import RunConfig, config_hash, dump_config
+from medcap.config import FusionConfig, GeneratorConfig, RunConfig, SynthesizerConfig, config_hash, dump_config
 from medcap.data import SplitData, load_split, write_rejects
-from medcap.generators import GeneratorInputs, build_generator, needs_training, train_model
+from medcap.generators import needs_training
 from medcap.records import Candidate, NeighbourList
 from medcap.runs import (
     Manifest,
@@ -35,7 +31,7 @@ from medcap.runs import (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("embed", "index", "retrieve", "train", "generate", "evaluate", "submit")
+STAGES = ("embed", "index", "retrieve", "train", "generate", "synthesize", "fuse", "evaluate", "submit")
 
 
 class StageInputError(RuntimeError):
@@ -130,15 +126,15 @@ class Pipeline:
                 return g
         raise ValueError(f"no generator named {name!r} in the config; have {[g.name for g in self.cfg.generators]}")
 
-    def _record(self, stage: str, artifact: Path, ran: bool) -> None:
+    def record(self, stage: str, artifact: Path, ran: bool) -> None:
         self.history.append(StageRun(stage, artifact, ran))
         log.info("%s %s: %s", stage, artifact, "done" if ran else "up to date")
 
-    def _cached(self, artifact: Path, key: str) -> bool:
+    def cached(self, artifact: Path, key: str) -> bool:
         """Up to date here, or taken from a peer run that made it with the same key (ablation variants)."""
         return is_fresh(artifact, key) or borrow(artifact, key, self.peers, self.run.root)
 
-    def _require(self, artifact: Path, key: str, how: str) -> None:
+    def require(self, artifact: Path, key: str, how: str) -> None:
         if not is_fresh(artifact, key):
             raise StageInputError(f"{artifact} is missing or out of date for this config: run `{how}` first")
 
@@ -148,13 +144,13 @@ class Pipeline:
         from medcap.retrieval.encoders import load_encoder
 
         out, key = self.run.embeddings(self.cfg.retrieval.encoder.name, split), self.embed_key(split)
-        if self._cached(out, key):
-            self._record("embed", out, False)
+        if self.cached(out, key):
+            self.record("embed", out, False)
             return out
         if self._encoder is None:
             self._encoder = load_encoder(self.cfg.retrieval.encoder)
         embed_examples(self.cfg.retrieval.encoder, self.split(split).examples, out, key, encoder=self._encoder)
-        self._record("embed", out, True)
+        self.record("embed", out, True)
         return out
 
     def build_index(self) -> Path:
@@ -163,15 +159,15 @@ class Pipeline:
 
         enc, split = self.cfg.retrieval.encoder.name, self.cfg.data.index_split
         out, key = self.run.index(enc), self.index_key()
-        if self._cached(out, key):
-            self._record("index", out, False)
+        if self.cached(out, key):
+            self.record("index", out, False)
             return out
         emb = self.run.embeddings(enc, split)
-        self._require(emb, self.embed_key(split), "medcap embed CONFIG")
+        self.require(emb, self.embed_key(split), "medcap embed CONFIG")
         ids, vectors = load_embeddings(emb)
         save_index(build_index(vectors, self.cfg.retrieval.index), out)
         Manifest("index", key, complete=True, inputs=(str(emb),), count=len(ids)).write(out)
-        self._record("index", out, True)
+        self.record("index", out, True)
         return out
 
     def retrieve(self, split: str) -> Path:
@@ -181,13 +177,13 @@ class Pipeline:
 
         r, enc = self.cfg.retrieval, self.cfg.retrieval.encoder.name
         out, key = self.run.neighbours(split), self.neighbours_key(split)
-        if self._cached(out, key):
-            self._record("retrieve", out, False)
+        if self.cached(out, key):
+            self.record("retrieve", out, False)
             return out
         index_path, emb = self.run.index(enc), self.run.embeddings(enc, split)
         index_emb = self.run.embeddings(enc, self.cfg.data.index_split)
-        self._require(index_path, self.index_key(), "medcap index CONFIG")
-        self._require(emb, self.embed_key(split), "medcap embed CONFIG")
+        self.require(index_path, self.index_key(), "medcap index CONFIG")
+        self.require(emb, self.embed_key(split), "medcap embed CONFIG")
         index_ids, _ = load_embeddings(index_emb)
         query_ids, queries = load_embeddings(emb)
         index_examples = {ex.id: ex for ex in self.split(self.cfg.data.index_split).examples}
@@ -208,100 +204,143 @@ class Pipeline:
                 )  # fmt: skip
                 sink.write([n.to_json() for n in neighbour_records(hits, ids, index_examples)])
         sink.finish()
-        self._record("retrieve", out, True)
+        self.record("retrieve", out, True)
         return out
 
     def neighbour_lists(self, split: str) -> dict[str, NeighbourList]:
         path = self.run.neighbours(split)
-        self._require(path, self.neighbours_key(split), "medcap retrieve CONFIG")
+        self.require(path, self.neighbours_key(split), "medcap retrieve CONFIG")
         return {row["id"]: NeighbourList.from_json(row) for row in read_jsonl(path)}
 
     def train(self, generator: str) -> Path | None:
         """Train the generator's model (prefix captioner, LoRA adapter) on the index split, if it needs one."""
-        gcfg, index_split = self.generator_cfg(generator), self.cfg.data.index_split
-        if not needs_training(gcfg):
-            return None
-        out, key = self.run.model(generator), self.model_key(generator)
-        if self._cached(out, key):
-            self._record("train", out, False)
-            return out
-        old = Manifest.read(out)
-        if old is not None and old.key != key and out.exists():
-            log.info("%s: trained with other settings; training afresh", out)
-            shutil.rmtree(out)
-        Manifest("train", key, complete=False).write(out)  # checkpoints under `out` resume with this key
-        nbs = {}
-        if gcfg.mode == "few-shot":
-            self.retrieve(index_split)
-            nbs = self.neighbour_lists(index_split)
-        embeddings = None
-        if gcfg.kind == "prefix":
-            embeddings = self.run.embeddings(self.cfg.retrieval.encoder.name, index_split)
-            self._require(embeddings, self.embed_key(index_split), "medcap embed CONFIG")
-        items = [(ex, nbs.get(ex.id)) for ex in self.split(index_split).examples]
-        train_items, valid_items = holdout(items, self.cfg.seed)
-        train_model(gcfg, out, train_items, valid_items, embeddings=embeddings)
-        Manifest("train", key, complete=True, count=len(train_items), info={"valid": len(valid_items)}).write(out)
-        self._record("train", out, True)
-        return out
+        from medcap.generators import stage
+
+        return stage.train(self, generator)
 
     def generate(self, generator: str, split: str) -> Path:
-        gcfg = self.generator_cfg(generator)
-        out, key = self.run.candidates(generator, split), self.candidates_key(generator, split)
-        if self._cached(out, key):
-            self._record("generate", out, False)
-            return out
-        neighbours = self.neighbour_lists(split)
-        if needs_training(gcfg):
-            self._require(self.run.model(generator), self.model_key(generator), f"medcap train generator {generator}")
-        enc = self.cfg.retrieval.encoder.name
-        inputs = GeneratorInputs(
-            model_dir=self.run.model(generator),
-            embeddings=self.run.embeddings(enc, split) if gcfg.kind == "prefix" else None,
-            index_examples={ex.id: ex for ex in self.split(self.cfg.data.index_split).examples},
-        )
-        sink = ResumableJsonl(out, "generate", key, inputs=(str(self.run.neighbours(split)),))
-        todo = [(ex, neighbours.get(ex.id)) for ex in self.split(split).examples if ex.id not in sink.done]
-        if todo:
-            generate = build_generator(gcfg, inputs)
-            size = max(1, gcfg.engine.batch_size) if gcfg.kind not in ("nearest", "consensus") else 256
-            try:
-                for start in tqdm(
-                    range(0, len(todo), size),
-                    desc=f"generate {generator}/{split}",
-                    unit="batch",
-                    disable=len(todo) <= size,
-                ):
-                    sink.write([c.to_json() for c in generate(todo[start : start + size])])
-            finally:
-                close = getattr(generate, "close", None)
-                if close is not None:
-                    close()
-        sink.finish()
-        self._record("generate", out, True)
-        return out
+        from medcap.generators import stage
 
-    def candidates(self, generator: str, split: str) -> dict[str, str]:
-        path = self.run.candidates(generator, split)
-        self._require(path, self.candidates_key(generator, split), "medcap generate CONFIG")
+        return stage.generate(self, generator, split)
+
+    def synthesize(self, name: str, split: str) -> Path:
+        from medcap.synthesizer import stage
+
+        return stage.synthesize(self, name, split)
+
+    def train_fuser(self, name: str) -> Path | None:
+        from medcap.fuser import stage
+
+        return stage.train_fuser(self, name)
+
+    def fuse(self, name: str, split: str) -> Path | None:
+        from medcap.fuser import stage
+
+        return stage.fuse(self, name, split)
+
+    # ------------------------------------------------------------------ outputs: every caption set
+    @property
+    def outputs(self) -> list[str]:
+        """Every caption set of the run, in pipeline order: generators, synthesizers, fusers."""
+        return [o.name for o in (*self.cfg.generators, *self.cfg.synthesizers, *self.cfg.fusers)]
+
+    def output_cfg(self, name: str):
+        for o in (*self.cfg.generators, *self.cfg.synthesizers, *self.cfg.fusers):
+            if o.name == name:
+                return o
+        raise ValueError(f"no generator, synthesizer or fuser named {name!r}; have {self.outputs}")
+
+    def output_path(self, name: str, split: str) -> Path:
+        o = self.output_cfg(name)
+        if isinstance(o, SynthesizerConfig):
+            return self.run.synthesis(name, split)
+        if isinstance(o, FusionConfig):
+            return self.run.fused(name, split)
+        return self.run.candidates(name, split)
+
+    def inputs_of(self, name: str) -> list[str]:
+        """The caption sets a synthesizer or fuser reads (default: every generator, and synthesizers for fusers)."""
+        o = self.output_cfg(name)
+        if o.candidates:
+            return list(o.candidates)
+        names = [g.name for g in self.cfg.generators]
+        return names + [s.name for s in self.cfg.synthesizers] if isinstance(o, FusionConfig) else names
+
+    def output_key(self, name: str, split: str) -> str:
+        o = self.output_cfg(name)
+        if isinstance(o, GeneratorConfig):
+            return self.candidates_key(name, split)
+        inputs = [self.output_key(i, split) for i in self.inputs_of(name)]
+        if isinstance(o, SynthesizerConfig):
+            return config_hash("synthesize", o, inputs, self.neighbours_key(split))
+        extra = []
+        if o.kind == "lm":
+            extra.append(self.fuser_model_key(name))
+        if o.kind == "rerank":
+            extra.append(self.embed_key(split))
+        if o.kind == "lm" and o.use_neighbours:
+            extra.append(self.neighbours_key(split))
+        return config_hash("fuse", o, inputs, extra)
+
+    def fuser_model_key(self, name: str) -> str:
+        o = self.output_cfg(name)
+        inputs = [self.output_key(i, o.train_split) for i in self.inputs_of(name)]
+        nb = self.neighbours_key(o.train_split) if o.use_neighbours else None
+        shaping = (o.model, o.use_neighbours, o.k, o.lora, o.train, self.inputs_of(name))
+        return config_hash("train-fuser", shaping, inputs, nb, self.data_key(o.train_split))
+
+    def captions(self, name: str, split: str) -> dict[str, str]:
+        """The captions of any caption set (generator, synthesizer, fuser) for a split, by image ID."""
+        path = self.output_path(name, split)
+        self.require(path, self.output_key(name, split), "medcap run CONFIG")
         return {c.id: c.caption for c in map(Candidate.from_json, read_jsonl(path))}
 
-    def evaluate(self, generator: str, split: str) -> Path | None:
-        from medcap.eval.metrics import evaluate
+    def evaluate(self, name: str, split: str) -> Path | None:
+        """Score a caption set with the eval suite: corpus means, 95% intervals, per-image Parquet."""
+        from medcap.eval.suites import run_suite, save_per_image
 
-        refs = {ex.id: ex.caption for ex in self.split(split).examples}
+        examples = {ex.id: ex for ex in self.split(split).examples}
+        refs = {i: ex.caption for i, ex in examples.items()}
         if any(c is None for c in refs.values()):
             log.info("evaluate: split %s has no reference captions; not scored", split)
             return None
-        out = self.run.scores(generator, split)
-        key = config_hash("evaluate", self.cfg.eval, self.candidates_key(generator, split), self.data_key(split))
-        if self._cached(out, key):
-            self._record("evaluate", out, False)
+        out = self.run.scores(name, split)
+        e = self.cfg.eval
+        key = config_hash("evaluate", e, self.output_key(name, split), self.data_key(split))
+        if self.cached(out, key):
+            self.record("evaluate", out, False)
             return out
-        result = evaluate(refs, self.candidates(generator, split), self.cfg.eval)
-        write_json(out, {"variant": generator, "split": split, **result})
-        Manifest("evaluate", key, complete=True, count=result.get("n")).write(out)
-        self._record("evaluate", out, True)
+        settings = (
+            "metrics",
+            "bootstrap",
+            "bertscore_measure",
+            "clip_encoder",
+            "bleurt_checkpoint",
+            "clinicalbleurt_checkpoint",
+            "medbertscore_model",
+            "medbertscore_num_layers",
+        )
+        overrides = {k: getattr(e, k) for k in settings} | {"seed": self.cfg.seed}
+        result = run_suite(
+            e.suite, refs, self.captions(name, split), examples=examples, eval_cfg=e, overrides=overrides
+        )
+        save_per_image(result, out.with_suffix(".parquet"))
+        per_image = {i: {m: float(v) for m, v in row.items()} for i, row in result.per_image.iterrows()}
+        write_json(
+            out,
+            {
+                "variant": name,
+                "split": split,
+                "suite": e.suite,
+                "n": result.n,
+                "metrics": result.metrics,
+                "ci": {m: list(v) for m, v in result.ci.items()},
+                "skipped": result.skipped,
+                "per_image": per_image,
+            },
+        )
+        Manifest("evaluate", key, complete=True, count=result.n).write(out)
+        self.record("evaluate", out, True)
         return out
 
     def submit(self, generator: str, split: str, year: int | None = None, out: Path | None = None) -> Path:
@@ -310,18 +349,18 @@ class Pipeline:
 
         year = year or self.cfg.submit.year
         out = out or self.run.submission(generator)
-        key = config_hash("submit", year, split, self.candidates_key(generator, split))
-        if self._cached(out, key):
-            self._record("submit", out, False)
+        key = config_hash("submit", year, split, self.output_key(generator, split))
+        if self.cached(out, key):
+            self.record("submit", out, False)
             return Path(Manifest.read(out).info.get("upload", out))
         order = [ex.id for ex in self.split(split).examples]
-        written = write_submission(self.candidates(generator, split), out, year, order=order)
+        written = write_submission(self.captions(generator, split), out, year, order=order)
         problems = validate_submission(written, order, year)
         if problems:
             raise InputError(problems, f"{written}: the submission written fails the {year} rules")
         info = {"year": year, "split": split, "upload": str(written)}
         Manifest("submit", key, complete=True, count=len(order), info=info).write(out)
-        self._record("submit", out, True)
+        self.record("submit", out, True)
         return written
 
     # ------------------------------------------------------------------ whole run
@@ -332,7 +371,7 @@ class Pipeline:
 
     @property
     def submit_variant(self) -> str:
-        return self.cfg.submit.variant or self.cfg.generators[-1].name
+        return self.cfg.submit.variant or self.outputs[-1]
 
     def run_stages(self, only: Iterable[str] = (), skip: Iterable[str] = ()) -> list[StageRun]:
         """Run the stages in order (all, or ``only`` these, minus ``skip``); returns what happened."""
@@ -357,25 +396,23 @@ class Pipeline:
                 for split in self.cfg.data.query_splits:
                     for g in gens:
                         self.generate(g, split)
+            elif stage == "synthesize":
+                for split in self.cfg.data.query_splits:
+                    for syn in self.cfg.synthesizers:
+                        self.synthesize(syn.name, split)
+            elif stage == "fuse":
+                for fuser in self.cfg.fusers:
+                    self.train_fuser(fuser.name)
+                    for split in self.cfg.data.query_splits:
+                        self.fuse(fuser.name, split)
             elif stage == "evaluate":
                 for split in self.cfg.data.query_splits:
-                    for g in gens:
-                        self.evaluate(g, split)
+                    for name in self.outputs:
+                        if self.output_path(name, split).exists() or name in gens:
+                            self.evaluate(name, split)
             elif stage == "submit":
                 self.submit(self.submit_variant, self.submit_split)
         return self.history
-
-
-def holdout(items: list, seed: int, frac: float = 0.1) -> tuple[list, list]:
-    """Split training items into train and a small validation part, by case so no case is in both."""
-    groups = sorted({ex.group or ex.id for ex, _ in items})
-    if len(groups) < 2:
-        return items, items[:0]
-    random.Random(seed).shuffle(groups)
-    held = set(groups[: max(1, round(frac * len(groups)))])
-    return [it for it in items if (it[0].group or it[0].id) not in held], [
-        it for it in items if (it[0].group or it[0].id) in held
-    ]
 
 
 def summarise_scores(run: RunDir) -> list[dict[str, Any]]:

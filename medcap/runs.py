@@ -189,7 +189,9 @@ def borrow(artifact: Path, key: str, peers: list[Path], root: Path) -> bool:
     ``artifact`` lies under run folder ``root``; a peer holds the same relative path. Files are
     hard-linked where the file system allows (artifacts are never modified in place), else copied.
     """
-    rel = Path(artifact).relative_to(root)
+    if not peers or not Path(artifact).resolve().is_relative_to(Path(root).resolve()):
+        return False
+    rel = Path(artifact).resolve().relative_to(Path(root).resolve())
     for peer in peers:
         src = Path(peer) / rel
         if Path(peer).resolve() == Path(root).resolve() or not is_fresh(src, key):
@@ -286,6 +288,12 @@ class RunDir:
 
     def candidates(self, generator: str, split: str) -> Path:
         return self.root / "candidates" / safe_name(generator) / f"{split}.jsonl"
+
+    def synthesis(self, name: str, split: str) -> Path:
+        return self.root / "synthesis" / safe_name(name) / f"{split}.jsonl"
+
+    def fused(self, name: str, split: str) -> Path:
+        return self.root / "fused" / safe_name(name) / f"{split}.jsonl"
 
     def model(self, generator: str) -> Path:
         return self.root / "models" / safe_name(generator)
