@@ -29,15 +29,24 @@ class AblationResult:
 
 
 def default_variants(cfg: RunConfig) -> list[VariantConfig]:
-    """Each generator alone, and the submitted generator with k in {1, 3, 5} neighbours."""
-    target = cfg.submit.variant or cfg.generators[-1].name
-    variants = [VariantConfig(name=g.name, output=g.name) for g in cfg.generators]
+    """Each caption set alone (generators, synthesizers, fusers), and the submitted one with k in {1, 3, 5}."""
+    names = [o.name for o in (*cfg.generators, *cfg.synthesizers, *cfg.fusers)]
+    target = cfg.submit.variant or names[-1]
+    variants = [VariantConfig(name=n, output=n) for n in names]
     variants += [
         VariantConfig(name=f"{target}-k{k}", set=[f"retrieval.k={k}"], output=target)
         for k in (1, 3, 5)
         if k != cfg.retrieval.k
     ]
     return variants
+
+
+def _needed(pipe, output: str) -> set[str]:
+    """``output`` and every caption set it is made from (fails, naming it, if the config lacks it)."""
+    pipe.output_cfg(output)
+    if output in {g.name for g in pipe.cfg.generators}:
+        return {output}
+    return {output}.union(*(_needed(pipe, i) for i in pipe.inputs_of(output)))
 
 
 def parse_variant(text: str) -> VariantConfig:
@@ -86,10 +95,12 @@ def run_ablation(
     scored = []
     for variant in variants:
         vcfg = variant_config(cfg, variant, split)
-        output = variant.output or vcfg.submit.variant or vcfg.generators[-1].name
         pipe = Pipeline(vcfg, peers=list(peers))
-        pipe.generator_cfg(output)  # fails early, naming the generator, if the variant lacks it
-        vcfg.generators = [g for g in vcfg.generators if g.name == output]  # run only what is scored
+        output = variant.output or pipe.submit_variant
+        needed = _needed(pipe, output)  # run only what the scored caption set is made from
+        vcfg.generators = [g for g in vcfg.generators if g.name in needed]
+        vcfg.synthesizers = [o for o in vcfg.synthesizers if o.name in needed]
+        vcfg.fusers = [o for o in vcfg.fusers if o.name in needed]
         pipe.run_stages(skip=("submit",))
         executions.update(s.stage for s in pipe.history if s.ran)
         scores_path = pipe.run.scores(output, split)
