@@ -1,0 +1,129 @@
+"""The LM-Fuser's prompt and inference: a small causal LM, fine-tuned on (candidates -> reference), writes the caption.
+
+``fuser_prompt`` is the one prompt builder, shared by training (``lm_train``, with an ``rng`` that
+shuffles the candidates' order so the model cannot learn to trust a position) and inference
+(candidates sorted by generator name). Both render it with the tokenizer's chat template through
+``render_chat(tokenizer, text_messages(...))``, the formatting the ``hf`` engine applies.
+``LMFuser`` loads ``out_dir/final`` of a training run (a full model, or a LoRA adapter over the
+base model named in ``medcap_fuser.json``) and decodes in batches with left padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from medcap.config import FusionConfig
+from medcap.engines.base import Engine, Request
+from medcap.generators.clean import clean_caption
+from medcap.generators.prompts import one_line
+from medcap.problems import ModelNotFoundError
+from medcap.records import Candidate, NeighbourList
+
+log = logging.getLogger(__name__)
+
+META = "medcap_fuser.json"  # written beside the fuser's weights: config, steps, best validation loss
+SYSTEM = "You merge candidate captions of a medical image into one concise diagnostic caption."
+INSTRUCTION = "Write the single best diagnostic caption for this image. Answer with the caption only."
+
+Item = tuple[str, dict[str, str], NeighbourList | None]  # image ID, {generator: caption}, neighbours
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+def fuser_prompt(
+    candidates: dict[str, str],
+    neighbours: NeighbourList | None,
+    cfg: FusionConfig,
+    *,
+    rng: random.Random | None = None,
+) -> list[dict[str, Any]]:
+    """Chat messages (one text part each) showing every candidate, labelled by its generator.
+
+    Only ``cfg.candidates`` are shown when that list is set. Without ``rng`` the candidates come
+    sorted by generator name; with it (training) in a random order.
+    """
+    wanted = set(cfg.candidates)
+    pairs = [(n, one_line(c)) for n, c in candidates.items() if (not wanted or n in wanted) and c and c.strip()]
+    pairs.sort()
+    if rng is not None:
+        rng.shuffle(pairs)
+    parts = ["Candidate captions:\n" + ("\n".join(f"[{n}] {c}" for n, c in pairs) or "(none)")]
+    if cfg.use_neighbours and neighbours is not None:
+        caps = [one_line(n.caption) for n in neighbours.neighbours if n.id != neighbours.id and n.caption]
+        caps = [c for c in caps if c][: max(cfg.k, 0)]
+        if caps:
+            parts.append("Captions of similar images:\n" + "\n".join(f"- {c}" for c in caps))
+    parts.append(INSTRUCTION)
+    return [
+        {"role": "system", "content": [_text(SYSTEM)]},
+        {"role": "user", "content": [_text("\n\n".join(parts))]},
+    ]
+
+
+def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Content parts joined into one string per message, as text-only chat templates expect."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = "\n".join(p["text"] for p in content if p.get("type") == "text")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def read_meta(model_dir: Path) -> dict[str, Any]:
+    """The ``medcap_fuser.json`` of a trained fuser folder; ModelNotFoundError when it is missing."""
+    path = Path(model_dir) / META
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"{model_dir} is not a trained LM-Fuser (no {META}); train one with `medcap train fuser NAME -c CONFIG`"
+        )
+    return json.loads(path.read_text())
+
+
+class LMFuser:
+    """Fused captions from a trained LM-Fuser folder (``train_fuser``'s ``final``, or its ``out_dir``).
+
+    ``engine`` replaces the default ``hf`` engine (for tests, or a vLLM engine serving the same
+    base model with ``enable_lora``); requests carry the adapter path when the fuser is a LoRA.
+    """
+
+    def __init__(self, cfg: FusionConfig, model_dir: Path, *, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        model_dir = Path(model_dir)
+        # A training folder (``train_fuser``'s out_dir) stands for its ``final`` model.
+        self.model_dir = model_dir / "final" if (model_dir / "final" / META).is_file() else model_dir
+        self.meta = read_meta(self.model_dir)
+        self.adapter = str(self.model_dir) if self.meta.get("adapter") else None
+        self.model_name = self.meta["base_model"] if self.adapter else str(self.model_dir)
+        if engine is None:
+            from medcap.engines.hf import HFTextEngine
+
+            engine = HFTextEngine(self.model_name, cfg.engine)
+        self.engine = engine
+
+    def request(self, image_id: str, candidates: dict[str, str], neighbours: NeighbourList | None) -> Request:
+        messages = fuser_prompt(candidates, neighbours, self.cfg)
+        return Request(id=image_id, messages=tuple(messages), adapter=self.adapter, params=self.cfg.generation)
+
+    def __call__(self, items: list[Item]) -> list[Candidate]:
+        """One fused caption per item, in order."""
+        out: list[Candidate] = []
+        size = max(self.cfg.engine.batch_size, 1)
+        for start in range(0, len(items), size):
+            requests = [self.request(i, c, n) for i, c, n in items[start : start + size]]
+            for req, comp in zip(requests, self.engine.generate(requests), strict=True):
+                extra = {"model": self.meta.get("base_model"), "fuser": str(self.model_dir), "raw": comp.text}
+                out.append(Candidate(req.id, clean_caption(comp.text), self.cfg.name, extra))
+            log.info("%s: %d/%d images fused", self.cfg.name, len(out), len(items))
+        return out
+
+    def close(self) -> None:
+        """Free the engine."""
+        self.engine.close()
