@@ -166,11 +166,19 @@ def train() -> None:
 @click.argument("name")
 @click.option("-c", "--config", required=True, type=click.Path(dir_okay=False), help="Run config.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option(
+    "--folds",
+    type=int,
+    default=None,
+    help="Cross-fit: K models on K-1 folds each write the held-out fold's candidates (honest fuser data).",
+)
 @_user_errors
-def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...]) -> None:
+def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...], folds: int | None) -> None:
     """Train generator NAME of CONFIG on the index split (its inputs are made or taken from the cache)."""
     from medcap.generators import needs_training
 
+    if folds is not None:
+        overrides = (*overrides, f"generators.{name}.folds={folds}")
     pipe = _pipeline(config, overrides)
     gcfg = pipe.generator_cfg(name)
     if not needs_training(gcfg):
@@ -179,11 +187,13 @@ def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...]) -> N
             "use kind: prefix, or a multimodal LLM with mode: sft and no adapter"
         )
     split = pipe.cfg.data.index_split
-    if gcfg.kind == "prefix" or gcfg.mode == "few-shot":
-        pipe.embed(split)
-    if gcfg.mode == "few-shot":
+    pipe.embed(split)
+    if gcfg.mode == "few-shot" or gcfg.folds >= 2:
         pipe.build_index()
+        pipe.retrieve(split)
     pipe.train(name)
+    if gcfg.folds >= 2:
+        pipe.generate(name, split)  # trains the fold models and writes out-of-fold candidates
     _report(pipe)
 
 

@@ -31,7 +31,10 @@ TRAIN_IDS = "train_ids.json"  # beside every trained model: the image IDs it lea
 
 def holdout(items: list[Item], seed: int, frac: float = 0.1) -> tuple[list[Item], list[Item]]:
     """Split items into train and a small validation part, by case so that no case is in both."""
-    folds = group_folds(items, max(2, round(1 / frac)), seed)
+    n_groups = len({ex.group or ex.id for ex, _ in items})
+    if n_groups < 2:
+        return items, []
+    folds = group_folds(items, min(n_groups, max(2, round(1 / frac))), seed)
     held = set(folds[0])
     return [it for it in items if it[0].id not in held], [it for it in items if it[0].id in held]
 
