@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 def make_engine(cfg: GeneratorConfig) -> Engine:
     """The engine ``cfg.engine.kind`` names, serving ``cfg.model`` (default: the family's)."""
+    if "ray" in cfg.engine.extra:  # scale out: the same engine in Ray Data workers (docs/scaling.md)
+        from medcap.engines.ray import make_ray_engine
+
+        return make_ray_engine(cfg)
     kind = cfg.engine.kind
     family = get_family(cfg.kind)
     if kind == "hf":
