@@ -197,6 +197,30 @@ def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...], fold
     _report(pipe)
 
 
+@train.command("encoder")
+@click.option("-c", "--config", required=True, type=click.Path(dir_okay=False), help="Run config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for the trained encoder (default: RUN/models/encoder-ENCODER).",
+)
+@_user_errors
+def train_encoder_cmd(config: str, overrides: tuple[str, ...], out: str | None) -> None:
+    """Train CONFIG's retrieval encoder's projections contrastively on the index split's (image, caption) pairs."""
+    from medcap.retrieval.stage import train_encoder
+
+    pipe = _pipeline(config, overrides)
+    name, folder = train_encoder(pipe, Path(out) if out else None)
+    _report(pipe)
+    click.echo(
+        f"trained encoder: {name}\nuse it with --set eval.clip_encoder.name={name} "
+        f"(or retrieval.encoder.name); recall in {folder}/medcap_encoder.json"
+    )
+
+
 @main.command("ablate")
 @_config_options
 @click.option(

@@ -58,8 +58,21 @@ class IndexConfig:
 
 
 @dataclass
+class EncoderTrainConfig:
+    """Contrastive training of the retrieval encoder's projections (`medcap train encoder`)."""
+
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    train_text_tower: bool = False  # also the text tower's last layer (slow: the tower runs every step)
+    train_image_projection: bool = False  # False keeps the image side, so cached embeddings and the index hold
+
+
+@dataclass
 class RetrievalConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encoder_training: EncoderTrainConfig = field(default_factory=EncoderTrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     k: int = 5  # neighbours per image
     exclude_same_group: bool = True  # never return a neighbour from the query's own case

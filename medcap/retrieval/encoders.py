@@ -181,7 +181,11 @@ def _load_folder(name: str, folder: Path, device: torch.device, dtype: torch.dty
     overrides: dict[str, Any] = {}
     text_cfg = dict(model_cfg.get("text_cfg", {}))
     hf_name = text_cfg.get("hf_model_name")
-    if hf_name and not Path(hf_name).is_dir():
+    inside = folder / "hf_text"  # saved by `medcap train encoder`: the text tower's config travels in the folder
+    if hf_name and not Path(hf_name).is_dir() and (inside / "config.json").is_file():
+        text_cfg.update(hf_model_name=str(inside), hf_tokenizer_name=str(inside), hf_model_pretrained=False)
+        overrides["text_cfg"] = text_cfg
+    elif hf_name and not Path(hf_name).is_dir():
         # BiomedCLIP's text tower names its BERT by hub id; transformers needs that repo's config.
         # Resolve it now so a missing one fails here, with a clear message, not deep in transformers.
         has_weights = any(folder.glob("open_clip_*.bin")) or any(folder.glob("*.safetensors"))
