@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from medcap.config import FusionConfig, GenerationConfig, LoraConfig, TrainConfig
-from medcap.fuser.lm import META, LMFuser, fuser_prompt, text_messages
+from medcap.engines.hf import text_only as text_messages
+from medcap.fuser.lm import META, LMFuser, fuser_prompt
 from medcap.fuser.lm_train import IGNORE, PATIENCE, FuserCollator, PromptDriftError, train_fuser
 from medcap.generators.clean import clean_caption
 from medcap.generators.families import render_chat

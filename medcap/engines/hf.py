@@ -44,7 +44,7 @@ def generate_kwargs(params: GenerationConfig) -> dict[str, Any]:
     return kw
 
 
-def _as_image(image: Any) -> Image.Image:
+def as_image(image: Any) -> Image.Image:
     from PIL import Image
 
     if isinstance(image, Image.Image):
@@ -53,7 +53,7 @@ def _as_image(image: Any) -> Image.Image:
         return im.convert("RGB")
 
 
-def _text_only(messages: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+def text_only(messages: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
     """Content parts joined into one string per message, as text-only chat templates expect."""
     out = []
     for m in messages:
@@ -119,12 +119,12 @@ class HFEngine:
         """The request's prompt text after the chat template."""
         if self.family is not None:
             return self.family.render(self.processor, request.messages, add_generation_prompt=True)
-        return render_chat(self.tokenizer, _text_only(request.messages), add_generation_prompt=True)
+        return render_chat(self.tokenizer, text_only(request.messages), add_generation_prompt=True)
 
     def _encode(self, batch: list[Request]):
         texts = [self.render(r) for r in batch]
         if self.family is not None:
-            images = [[_as_image(i) for i in r.images] for r in batch]
+            images = [[as_image(i) for i in r.images] for r in batch]
             return self.family.encode(self.processor, texts, images)
         bos = self.tokenizer.bos_token
         add_special = not (bos and all(t.startswith(bos) for t in texts))

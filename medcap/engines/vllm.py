@@ -175,17 +175,17 @@ class VLLMEngine:
 
     def prompt(self, request: Request) -> dict[str, Any]:
         """A token prompt (the chat template's text, tokenised with the hf engine's BOS rule) and its images."""
-        from medcap.engines.hf import _as_image, _text_only
+        from medcap.engines.hf import as_image, text_only
         from medcap.generators.families import render_chat
 
         if self.family is not None:
             text = self.family.render(self.processor, list(request.messages), add_generation_prompt=True)
         else:
-            text = render_chat(self.tokenizer, _text_only(request.messages), add_generation_prompt=True)
+            text = render_chat(self.tokenizer, text_only(request.messages), add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=add_special_tokens(text, self.tokenizer.bos_token))["input_ids"]
         prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
         if request.images:
-            prompt["multi_modal_data"] = {"image": [_as_image(i) for i in request.images]}
+            prompt["multi_modal_data"] = {"image": [as_image(i) for i in request.images]}
         return prompt
 
     def lora_request(self, adapter: str | None) -> Any:

@@ -3,7 +3,7 @@
 ``fuser_prompt`` is the one prompt builder, shared by training (``lm_train``, with an ``rng`` that
 shuffles the candidates' order so the model cannot learn to trust a position) and inference
 (candidates sorted by generator name). Both render it with the tokenizer's chat template through
-``render_chat(tokenizer, text_messages(...))``, the formatting the ``hf`` engine applies.
+``render_chat(tokenizer, text_only(...))``, the formatting the ``hf`` engine applies.
 ``LMFuser`` loads ``out_dir/final`` of a training run (a full model, or a LoRA adapter over the
 base model named in ``medcap_fuser.json``) and decodes in batches with left padding.
 """
@@ -64,17 +64,6 @@ def fuser_prompt(
         {"role": "system", "content": [_text(SYSTEM)]},
         {"role": "user", "content": [_text("\n\n".join(parts))]},
     ]
-
-
-def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Content parts joined into one string per message, as text-only chat templates expect."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if not isinstance(content, str):
-            content = "\n".join(p["text"] for p in content if p.get("type") == "text")
-        out.append({"role": m["role"], "content": content})
-    return out
 
 
 def read_meta(model_dir: Path) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import FusionConfig
-from medcap.fuser.lm import META, fuser_prompt, text_messages
+from medcap.engines.hf import text_only as text_messages
+from medcap.fuser.lm import META, fuser_prompt
 from medcap.generators.families import render_chat
 from medcap.generators.sft_data import END_OF_TURN, IGNORE, PromptDriftError
 from medcap.records import NeighbourList

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medcap.devices import resolve_device, torch_dtype
 from medcap.generators.prompts import DEFAULT_PROMPT
 from medcap.problems import ModelNotFoundError
 
@@ -167,27 +168,6 @@ def resolve_model(name: str, setting: str) -> str:
                 f"at it), or save it to a folder and set {setting} to that path."
             )
     return name
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: CUDA when available, else CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def torch_dtype(dtype: str, device: str):
-    """``auto``: bf16 on CUDA, fp32 on CPU."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto | fp32 | fp16 | bf16")
-    return table[dtype]
 
 
 FAMILIES: dict[str, Family] = {
