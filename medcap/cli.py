@@ -257,6 +257,38 @@ def report_cmd(run_dir: str, split: str | None, max_images: int | None, out: str
     click.echo(f"wrote {path}")
 
 
+@main.command("demo")
+@click.option(
+    "--out",
+    default="medcap-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the phantom data, the run and the report.",
+)
+@click.option("--n", default=240, show_default=True, help="Phantom images to write.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a demo profile value.")
+@_user_errors
+def demo_cmd(out: str, n: int, overrides: tuple[str, ...]) -> None:
+    """The whole ensemble on the synthetic phantom data set, on a CPU, offline (about 10 minutes)."""
+    import time
+
+    from medcap.demo import run_demo
+
+    start = time.time()
+    result = run_demo(out, n=n, overrides=list(overrides))
+    click.echo(result.ablation.read_text())
+    _print_scores(result.scores)
+    click.echo(f"\ndemo finished in {time.time() - start:.0f} s")
+    for label, path in (
+        ("run folder", result.run_dir),
+        ("submission", result.submission),
+        ("ablation table", result.ablation),
+        ("ablation plot", result.plot),
+        ("report", result.report),
+    ):
+        click.echo(f"  {label:<15} {path}")
+
+
 def _run_config(run_dir: str, overrides: tuple[str, ...] = ()):
     run = Path(run_dir)
     cfg_path = run / "config.yaml"

@@ -60,7 +60,7 @@ def _prefix_builder(cfg: GeneratorConfig, inputs: GeneratorInputs) -> Generator:
 
     if inputs.vectors is None and inputs.embeddings is None:
         raise ValueError(f"generator {cfg.name}: the prefix captioner needs the split's retrieval embeddings")
-    model = PrefixGenerator(cfg, inputs.model_dir)
+    model = PrefixGenerator(cfg, inputs.model_dir / "model")  # train_prefix writes the final model there
     ids, vectors = inputs.vectors if inputs.vectors is not None else load_embeddings(inputs.embeddings)
     row = {id_: i for i, id_ in enumerate(ids)}
 
