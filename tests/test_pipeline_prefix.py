@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from medcap.cli import main
 from medcap.config import DataConfig
 from medcap.data import load_split
-from medcap.demo import build_scratch_lm
+from medcap.lms import build_scratch_lm
 from medcap.runs import read_jsonl
 
 
@@ -23,7 +23,7 @@ def test_run_trains_prefix_captioner_on_embeddings(tmp_path, phantom_dir, tiny_c
             {
                 "name": "prefix",
                 "kind": "prefix",
-                "prefix": {"lm": str(lm), "train_lm": True, "prefix_length": 2},
+                "prefix": {"lm": "scratch", "train_lm": True, "prefix_length": 2},
                 "train": {"max_steps": 4, "batch_size": 8, "eval_every": 2, "save_every": 2, "eval_samples": 2},
                 "generation": {"max_new_tokens": 8},
                 "engine": {"device": "cpu"},
@@ -37,6 +37,7 @@ def test_run_trains_prefix_captioner_on_embeddings(tmp_path, phantom_dir, tiny_c
     assert res.exit_code == 0, res.output
     run = tmp_path / "runs" / "prefix"
     assert (run / "models" / "prefix" / "model" / "config.json").exists()
+    assert (run / "models" / "prefix" / "scratch-lm" / "medcap_scratch.json").exists()
     for split in ("valid", "test"):
         rows = read_jsonl(run / "candidates" / "prefix" / f"{split}.jsonl")
         assert len(rows) == len(load_split(DataConfig(root=str(phantom_dir)), split).examples)

@@ -113,6 +113,15 @@ def train_model(
             batch = [ex.id for ex, _ in items]
             return batch, vectors[[row[i] for i in batch]], [ex.caption for ex, _ in items]
 
+        if cfg.prefix.lm == "scratch":  # a small LM learned from scratch on the training captions
+            from dataclasses import replace
+
+            from medcap.lms import build_scratch_lm
+
+            if not cfg.prefix.train_lm:
+                raise ValueError(f"generator {cfg.name}: prefix.lm: scratch needs prefix.train_lm: true")
+            lm = build_scratch_lm([ex.caption for ex, _ in train], model_dir / "scratch-lm")
+            cfg = replace(cfg, prefix=replace(cfg.prefix, lm=str(lm)))
         return train_prefix(cfg, *arrays(train), *arrays(valid), model_dir)
     if cfg.kind in MLLM_KINDS:
         from medcap.generators.train import train_generator
