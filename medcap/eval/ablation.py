@@ -203,15 +203,16 @@ PLOT_DPI = 150
 
 
 def plot_size(n_variants: int, n_metrics: int) -> tuple[float, float]:
-    """The figure size in inches of :func:`plot_ablation` for this many variants and metrics."""
-    return PLOT_WIDTH_IN, max(3.0, 1.3 + n_variants * (0.3 + 0.32 * n_metrics))
+    """The figure size in inches of :func:`plot_ablation`: one panel per metric, side by side."""
+    return max(PLOT_WIDTH_IN, 2.6 * n_metrics + 1.6), max(3.0, 1.4 + 0.42 * n_variants)
 
 
 def plot_ablation(table: pd.DataFrame, path: Path, *, metrics: Sequence[str] | None = None) -> Path:
-    """Grouped horizontal bars (one group per variant, one bar per metric) with 95% CI error bars.
+    """One panel per metric (each on its own scale), a horizontal bar per variant with its 95% CI.
 
-    The reference variant (``table.attrs["reference"]``) is shaded and labelled in bold. The PNG
-    is ``plot_size(...)`` inches at :data:`PLOT_DPI` and is written atomically.
+    The reference variant (``table.attrs["reference"]``) is shaded and labelled in bold, and a
+    dashed line marks its mean in every panel. The PNG is ``plot_size(...)`` inches at
+    :data:`PLOT_DPI` and is written atomically.
     """
     import io
 
@@ -227,37 +228,35 @@ def plot_ablation(table: pd.DataFrame, path: Path, *, metrics: Sequence[str] | N
     variants = [str(v) for v in table.index]
     fig = Figure(figsize=plot_size(len(variants), len(metrics)), dpi=PLOT_DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    colours = [f"C{i % 10}" for i in range(len(metrics))]
-    height = 0.8 / max(len(metrics), 1)
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
     y = np.arange(len(variants))[::-1].astype(float)  # first variant on top
-    top = 0.0
-    for i, (metric, colour) in enumerate(zip(metrics, colours, strict=True)):
+    for i, (ax, metric) in enumerate(zip(axes, metrics, strict=True)):
         mean = table[(metric, "mean")].to_numpy(dtype=float)
         low = table[(metric, "ci_low")].to_numpy(dtype=float)
         high = table[(metric, "ci_high")].to_numpy(dtype=float)
         err = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)]).clip(min=0)
-        pos = y + 0.4 - height * (i + 0.5)
-        ax.barh(pos, np.nan_to_num(mean), height=height * 0.9, color=colour, label=metric,
+        colours = ["#b8860b" if v == reference else f"C{i % 10}" for v in variants]
+        ax.barh(y, np.nan_to_num(mean), height=0.7, color=colours,
                 xerr=err, error_kw={"ecolor": "0.25", "capsize": 3, "elinewidth": 1})  # fmt: skip
-        for p, m, h in zip(pos, mean, high, strict=True):
+        top = float(np.nanmax(np.concatenate([high, mean]), initial=0.0))
+        for p, m, h in zip(y, mean, high, strict=True):
             if not math.isnan(m):
-                ax.text((h if not math.isnan(h) else m) + 0.005, p, f"{m:.3f}", va="center", fontsize=7)
-        top = max(top, float(np.nanmax(np.concatenate([high, mean]), initial=0.0)))
-    if reference in variants:
-        r = y[variants.index(reference)]
-        ax.axhspan(r - 0.48, r + 0.48, color="#fff3c4", zorder=0)
-    ax.set_yticks(y, [f"{v}\n(reference)" if v == reference else v for v in variants])
-    for label, v in zip(ax.get_yticklabels(), variants, strict=True):
+                ax.text((h if not math.isnan(h) else m) + 0.02 * max(top, 1e-9), p, f"{m:.3f}", va="center",
+                        fontsize=7)  # fmt: skip
+        if reference in variants and not math.isnan(mean[variants.index(reference)]):
+            ax.axvline(mean[variants.index(reference)], color="0.35", linestyle="--", linewidth=0.8)
+        ax.set_xlim(0, max(top * 1.25, 0.05))
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0].set_yticks(y, [f"{v}\n(reference)" if v == reference else v for v in variants])
+    for label, v in zip(axes[0].get_yticklabels(), variants, strict=True):
         if v == reference:
             label.set_fontweight("bold")
-    ax.set_ylim(y.min() - 0.6, y.max() + 0.6)
-    ax.set_xlim(0, max(top * 1.12, 0.05))
-    ax.set_xlabel("mean per image (95% bootstrap CI)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=min(len(metrics), 4), fontsize=8, frameon=False)
+    axes[0].set_ylim(y.min() - 0.6, y.max() + 0.6)
+    fig.supxlabel("mean per image (95% bootstrap CI); dashed: the reference", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PLOT_DPI)
