@@ -243,15 +243,7 @@ def evaluate(refs: dict[str, str | None], hyps: dict[str, str], cfg: EvalConfig)
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
-    ids = [i for i, c in refs.items() if c is not None]
-    if not ids:
-        raise ValueError("no reference captions to score against")
-    missing = [i for i in ids if hyps.get(i) is None]
-    if missing:
-        raise ValueError(
-            f"no hypothesis caption for {len(missing)} of the {len(ids)} reference IDs, e.g. {missing[:10]}; "
-            "caption every image, or score only the captioned IDs"
-        )
+    ids = scored_ids(refs, hyps)
     gts = {i: [refs[i]] for i in ids}
     res = {i: [hyps[i]] for i in ids}
     metrics: dict[str, float] = {}
@@ -277,3 +269,17 @@ def evaluate(refs: dict[str, str | None], hyps: dict[str, str], cfg: EvalConfig)
             "rescale_with_baseline": False,
         }
     return {"metrics": metrics, "per_image": per_image, "n": len(ids), "skipped": skipped, "settings": settings}
+
+
+def scored_ids(refs: dict[str, str | None], hyps: dict[str, str]) -> list[str]:
+    """The IDs with a reference caption; an error naming them if any lacks a hypothesis."""
+    ids = [i for i, c in refs.items() if c is not None]
+    if not ids:
+        raise ValueError("no reference captions to score against")
+    missing = [i for i in ids if hyps.get(i) is None]
+    if missing:
+        raise ValueError(
+            f"no hypothesis caption for {len(missing)} of the {len(ids)} reference IDs, e.g. {missing[:10]}; "
+            "caption every image, or score only the captioned IDs"
+        )
+    return ids

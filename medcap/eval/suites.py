@@ -246,12 +246,7 @@ def run_suite(
     outside = [m for m in names if m not in spec.metrics]
     if outside:
         raise ValueError(f"metric(s) {outside} are not in suite {suite!r}: {list(spec.metrics)}")
-    ids = [i for i, c in refs.items() if c is not None]
-    if not ids:
-        raise ValueError("no reference captions to score against")
-    missing = [i for i in ids if hyps.get(i) is None]
-    if missing:
-        raise ValueError(f"no hypothesis caption for {len(missing)} of {len(ids)} reference IDs, e.g. {missing[:10]}")
+    ids = base.scored_ids(refs, hyps)
     ctx = _Context({i: [refs[i]] for i in ids}, {i: [hyps[i]] for i in ids}, eval_cfg, cfg, spec, examples)
     scores: dict[str, float] = {}
     columns: dict[str, list[float]] = {}
