@@ -21,10 +21,11 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from medcap.pipeline import StageInputError
+        from medcap.runs import RunLockedError
 
         try:
             return fn(*args, **kwargs)
-        except (*USER_ERRORS, StageInputError) as e:
+        except (*USER_ERRORS, StageInputError, RunLockedError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -131,7 +132,7 @@ def _report(pipe) -> None:
 @_user_errors
 def run_cmd(config: str, overrides: tuple[str, ...], only: tuple[str, ...], skip: tuple[str, ...]) -> None:
     """Run the whole pipeline of CONFIG, cached and resumable."""
-    from medcap.pipeline import summarise_scores
+    from medcap.runs import summarise_scores
 
     pipe = _pipeline(config, overrides)
     pipe.run_stages(only, skip)
@@ -313,7 +314,8 @@ def _run_config(run_dir: str, overrides: tuple[str, ...] = ()):
 @_user_errors
 def evaluate_cmd(run_dir: str, splits, variants, suite: str, overrides) -> None:
     """Score a run's candidates with the organisers' preprocessing."""
-    from medcap.pipeline import Pipeline, summarise_scores
+    from medcap.pipeline import Pipeline
+    from medcap.runs import summarise_scores
 
     cfg = _run_config(run_dir, overrides)
     if suite:

@@ -38,7 +38,8 @@ def run_demo(out: str | Path = "medcap-demo", n: int = 240, overrides: list[str]
     from medcap.ablate import run_ablation
     from medcap.eval.report import write_report
     from medcap.phantom import write_phantom
-    from medcap.pipeline import Pipeline, summarise_scores
+    from medcap.pipeline import Pipeline
+    from medcap.runs import summarise_scores
 
     out = Path(out)
     data = out / "data" / "phantom"

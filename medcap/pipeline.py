@@ -23,10 +23,9 @@ from medcap.runs import (
     RunDir,
     borrow,
     is_fresh,
-    read_json,
     read_jsonl,
+    run_lock,
     write_atomic,
-    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -296,72 +295,16 @@ class Pipeline:
         return {c.id: c.caption for c in map(Candidate.from_json, read_jsonl(path))}
 
     def evaluate(self, name: str, split: str) -> Path | None:
-        """Score a caption set with the eval suite: corpus means, 95% intervals, per-image Parquet."""
-        from medcap.eval.suites import run_suite, save_per_image
+        """Score a caption set with the eval suite (``medcap/eval/stage.py``)."""
+        from medcap.eval import stage
 
-        examples = {ex.id: ex for ex in self.split(split).examples}
-        refs = {i: ex.caption for i, ex in examples.items()}
-        if any(c is None for c in refs.values()):
-            log.info("evaluate: split %s has no reference captions; not scored", split)
-            return None
-        out = self.run.scores(name, split)
-        e = self.cfg.eval
-        key = config_hash("evaluate", e, self.output_key(name, split), self.data_key(split))
-        if self.cached(out, key):
-            self.record("evaluate", out, False)
-            return out
-        settings = (
-            "metrics",
-            "bootstrap",
-            "bertscore_measure",
-            "clip_encoder",
-            "bleurt_checkpoint",
-            "clinicalbleurt_checkpoint",
-            "medbertscore_model",
-            "medbertscore_num_layers",
-        )
-        overrides = {k: getattr(e, k) for k in settings} | {"seed": self.cfg.seed}
-        result = run_suite(
-            e.suite, refs, self.captions(name, split), examples=examples, eval_cfg=e, overrides=overrides
-        )
-        save_per_image(result, out.with_suffix(".parquet"))
-        per_image = {i: {m: float(v) for m, v in row.items()} for i, row in result.per_image.iterrows()}
-        write_json(
-            out,
-            {
-                "variant": name,
-                "split": split,
-                "suite": e.suite,
-                "n": result.n,
-                "metrics": result.metrics,
-                "ci": {m: list(v) for m, v in result.ci.items()},
-                "skipped": result.skipped,
-                "per_image": per_image,
-            },
-        )
-        Manifest("evaluate", key, complete=True, count=result.n).write(out)
-        self.record("evaluate", out, True)
-        return out
+        return stage.evaluate(self, name, split)
 
-    def submit(self, generator: str, split: str, year: int | None = None, out: Path | None = None) -> Path:
-        from medcap.eval.submission import validate_submission, write_submission
-        from medcap.problems import InputError
+    def submit(self, name: str, split: str, year: int | None = None, out: Path | None = None) -> Path:
+        """Write and validate a submission file (``medcap/eval/stage.py``)."""
+        from medcap.eval import stage
 
-        year = year or self.cfg.submit.year
-        out = out or self.run.submission(generator)
-        key = config_hash("submit", year, split, self.output_key(generator, split))
-        if self.cached(out, key):
-            self.record("submit", out, False)
-            return Path(Manifest.read(out).info.get("upload", out))
-        order = [ex.id for ex in self.split(split).examples]
-        written = write_submission(self.captions(generator, split), out, year, order=order)
-        problems = validate_submission(written, order, year)
-        if problems:
-            raise InputError(problems, f"{written}: the submission written fails the {year} rules")
-        info = {"year": year, "split": split, "upload": str(written)}
-        Manifest("submit", key, complete=True, count=len(order), info=info).write(out)
-        self.record("submit", out, True)
-        return written
+        return stage.submit(self, name, split, year, out)
 
     # ------------------------------------------------------------------ whole run
     @property
@@ -379,48 +322,42 @@ class Pipeline:
         unknown = (set(only) | set(skip)) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {list(STAGES)}")
-        gens = [g.name for g in self.cfg.generators]
-        for stage in wanted:
-            if stage == "embed":
-                for split in self.splits:
-                    self.embed(split)
-            elif stage == "index":
-                self.build_index()
-            elif stage == "retrieve":
-                for split in self.cfg.data.query_splits:
-                    self.retrieve(split)
-            elif stage == "train":
-                for g in gens:
-                    self.train(g)
-            elif stage == "generate":
-                for split in self.cfg.data.query_splits:
-                    for g in gens:
-                        self.generate(g, split)
-            elif stage == "synthesize":
-                for split in self.cfg.data.query_splits:
-                    for syn in self.cfg.synthesizers:
-                        self.synthesize(syn.name, split)
-            elif stage == "fuse":
-                for fuser in self.cfg.fusers:
-                    self.train_fuser(fuser.name)
-                    for split in self.cfg.data.query_splits:
-                        self.fuse(fuser.name, split)
-            elif stage == "evaluate":
-                for split in self.cfg.data.query_splits:
-                    for name in self.outputs:
-                        if self.output_path(name, split).exists() or name in gens:
-                            self.evaluate(name, split)
-            elif stage == "submit":
-                self.submit(self.submit_variant, self.submit_split)
+        with run_lock(self.run.root):
+            for stage in wanted:
+                self._run_stage(stage)
         return self.history
 
-
-def summarise_scores(run: RunDir) -> list[dict[str, Any]]:
-    """One row per scores file of a run: variant, split and corpus metrics."""
-    rows = []
-    for path in sorted((run.root / "scores").glob("*.json")):
-        if path.name.endswith(".manifest.json"):
-            continue
-        s = read_json(path)
-        rows.append({"variant": s["variant"], "split": s["split"], "n": s.get("n"), **s.get("metrics", {})})
-    return rows
+    def _run_stage(self, stage: str) -> None:
+        """One stage over every split and caption set it applies to."""
+        gens = [g.name for g in self.cfg.generators]
+        if stage == "embed":
+            for split in self.splits:
+                self.embed(split)
+        elif stage == "index":
+            self.build_index()
+        elif stage == "retrieve":
+            for split in self.cfg.data.query_splits:
+                self.retrieve(split)
+        elif stage == "train":
+            for g in gens:
+                self.train(g)
+        elif stage == "generate":
+            for split in self.cfg.data.query_splits:
+                for g in gens:
+                    self.generate(g, split)
+        elif stage == "synthesize":
+            for split in self.cfg.data.query_splits:
+                for syn in self.cfg.synthesizers:
+                    self.synthesize(syn.name, split)
+        elif stage == "fuse":
+            for fuser in self.cfg.fusers:
+                self.train_fuser(fuser.name)
+                for split in self.cfg.data.query_splits:
+                    self.fuse(fuser.name, split)
+        elif stage == "evaluate":
+            for split in self.cfg.data.query_splits:
+                for name in self.outputs:
+                    if self.output_path(name, split).exists() or name in gens:
+                        self.evaluate(name, split)
+        elif stage == "submit":
+            self.submit(self.submit_variant, self.submit_split)

@@ -9,6 +9,7 @@ is started afresh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -312,3 +313,37 @@ def safe_name(name: str) -> str:
     """A name usable as a single path component (``local-dir:/a/b`` -> ``local-dir_a_b``)."""
     out = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return out.strip("_.") or "unnamed"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is running stages in the same run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(root: Path):
+    """Hold ``root/.lock`` while stages run: two processes appending to one run would corrupt it."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(
+                f"{root} is in use by another medcap process; wait for it or use another run name"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def summarise_scores(run: RunDir) -> list[dict[str, Any]]:
+    """One row per scores file of a run: variant, split and corpus metrics."""
+    rows = []
+    for path in sorted((run.root / "scores").glob("*.json")):
+        if path.name.endswith(".manifest.json"):
+            continue
+        s = read_json(path)
+        rows.append({"variant": s["variant"], "split": s["split"], "n": s.get("n"), **s.get("metrics", {})})
+    return rows

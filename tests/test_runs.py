@@ -89,3 +89,16 @@ def test_run_dir_layout(tmp_path):
     assert run.candidates("nearest", "valid") == tmp_path / "candidates" / "nearest" / "valid.jsonl"
     assert run.neighbours("valid").name == "valid.jsonl"
     assert safe_name("..") == "unnamed"
+
+
+def test_run_lock_refuses_a_second_process_on_the_same_run(tmp_path):
+    from medcap.runs import RunLockedError, run_lock
+
+    with (
+        run_lock(tmp_path / "run"),
+        pytest.raises(RunLockedError, match="in use by another medcap process"),
+        run_lock(tmp_path / "run"),
+    ):
+        pass
+    with run_lock(tmp_path / "run"):  # released
+        pass
