@@ -156,6 +156,8 @@ _stage_command("embed", "Embed the images of every split with the retrieval enco
 _stage_command("index", "Build the FAISS index of the index split.")
 _stage_command("retrieve", "Find each query image's k nearest index images.")
 _stage_command("generate", "Write candidate captions with every generator of the config.")
+_stage_command("synthesize", "Merge neighbours' captions and candidates with every synthesizer of the config.")
+_stage_command("fuse", "Fuse the caption sets with every fuser of the config (training LM-Fusers first).")
 
 
 @main.group()
@@ -195,6 +197,19 @@ def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...], fold
     pipe.train(name)
     if gcfg.folds >= 2:
         pipe.generate(name, split)  # trains the fold models and writes out-of-fold candidates
+    _report(pipe)
+
+
+@train.command("fuser")
+@click.argument("name")
+@click.option("-c", "--config", required=True, type=click.Path(dir_okay=False), help="Run config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@_user_errors
+def train_fuser_cmd(name: str, config: str, overrides: tuple[str, ...]) -> None:
+    """Train LM-Fuser NAME of CONFIG on its train split's candidates (made if missing; leakage-checked)."""
+    pipe = _pipeline(config, overrides)
+    if pipe.train_fuser(name) is None:
+        raise ValueError(f"fuser {name} has nothing to train: only kind: lm fusers learn")
     _report(pipe)
 
 

@@ -59,8 +59,12 @@ def test_leaking_fuser_is_refused_and_cross_fitting_fixes_it(tmp_path, phantom_d
     assert {r["fold"] for r in oof} == {0, 1}
     assert (run / "models" / "sft" / "fold-0" / "adapter" / "adapter_config.json").exists()
 
-    ok = CliRunner().invoke(main, ["run", str(config), "--set", "generators.sft.folds=2"], catch_exceptions=False)
+    fold = ["--set", "generators.sft.folds=2"]
+    trained = CliRunner().invoke(main, ["train", "fuser", "lmf", "-c", str(config), *fold], catch_exceptions=False)
+    assert trained.exit_code == 0 and "models/lmf" in trained.output, trained.output
+    ok = CliRunner().invoke(main, ["run", str(config), *fold], catch_exceptions=False)
     assert ok.exit_code == 0, ok.output
+    assert "cached train     " in ok.output and "models/lmf" in ok.output  # the fuser trained above is reused
     valid = {r["id"] for r in read_jsonl(run / "neighbours" / "valid.jsonl")}
     for out in ("synthesis/synth", "fused/mbr", "fused/lmf"):
         rows = read_jsonl(run / out / "valid.jsonl")
@@ -69,3 +73,32 @@ def test_leaking_fuser_is_refused_and_cross_fitting_fixes_it(tmp_path, phantom_d
     assert (run / "submissions" / "lmf.csv").exists()
     for name in ("nearest", "sft", "synth", "mbr", "lmf"):
         assert (run / "scores" / f"{name}.valid.json").exists(), name
+
+
+def test_single_stage_commands_synthesize_and_fuse(tmp_path, phantom_dir, tiny_clip):
+    config = make_config(tmp_path, phantom_dir, tiny_clip)
+    no_lmf = ["--set", "fusers=[{name: mbr, kind: mbr}]", "--set", "submit.variant=mbr"]
+    first = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(config),
+            *no_lmf,
+            "--skip",
+            "synthesize",
+            "--skip",
+            "fuse",
+            "--skip",
+            "evaluate",
+            "--skip",
+            "submit",
+        ],
+        catch_exceptions=False,
+    )
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "runs" / "fusion"
+    assert not (run / "synthesis").exists()
+    for stage, out in (("synthesize", "synthesis/synth"), ("fuse", "fused/mbr")):
+        res = CliRunner().invoke(main, [stage, str(config), *no_lmf], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert (run / out / "valid.jsonl").exists(), out
