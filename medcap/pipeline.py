@@ -53,6 +53,7 @@ class Pipeline:
     history: list[StageRun] = field(default_factory=list)
     _splits: dict[str, SplitData] = field(default_factory=dict, repr=False)
     _encoder: Any = field(default=None, repr=False)
+    _data_keys: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         root = Path(self.cfg.data.root)
@@ -74,6 +75,8 @@ class Pipeline:
 
     def data_key(self, split: str) -> str:
         """Fingerprint of a split: the data settings and every example (caption, image size and mtime)."""
+        if split in self._data_keys:  # every downstream key needs it; the data do not change during a run
+            return self._data_keys[split]
         rows = []
         for ex in self.split(split).examples:
             img = ex.image
@@ -83,7 +86,8 @@ class Pipeline:
             elif isinstance(img, bytes):
                 img = config_hash(img.hex())
             rows.append((ex.id, ex.caption, list(ex.concepts), ex.group, img))
-        return config_hash("data", self.cfg.data.format, self.cfg.data.group_column, rows)
+        self._data_keys[split] = config_hash("data", self.cfg.data.format, self.cfg.data.group_column, rows)
+        return self._data_keys[split]
 
     @property
     def splits(self) -> list[str]:
