@@ -150,7 +150,7 @@ def build_scratch_lm(captions: list[str], out_dir: Path, *, layers: int = 2, hid
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from medcap.runs import write_json
+    from medcap.runs import atomic_dir, write_json
 
     if (out_dir / "config.json").is_file():
         return out_dir
@@ -172,9 +172,8 @@ def build_scratch_lm(captions: list[str], out_dir: Path, *, layers: int = 2, hid
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    GPT2LMHeadModel(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "medcap_scratch.json", {"trained_on": "index split captions", "layers": layers})
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        GPT2LMHeadModel(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "medcap_scratch.json", {"trained_on": "index split captions", "layers": layers})
     return out_dir

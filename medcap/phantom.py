@@ -21,9 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from medcap.problems import InputError, Problem
+from medcap.runs import atomic_dir
 
 MARKER = "phantom.json"
 JPEG_QUALITY = 90
@@ -278,21 +276,8 @@ def write_phantom(out: str | Path, n: int = 240, seed: int = 0, image_size: int 
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     out = Path(out)
     _prepare_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         _write_into(tmp, n, seed, image_size)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            out.rename(old / "set")
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -102,3 +102,20 @@ def test_run_lock_refuses_a_second_process_on_the_same_run(tmp_path):
         pass
     with run_lock(tmp_path / "run"):  # released
         pass
+
+
+def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
+    from medcap.runs import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("2")
+        raise RuntimeError("crash mid-write")
+    assert (target / "a.txt").read_text() == "1"
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -24,7 +24,6 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +35,7 @@ from medcap.fuser.lm import META, fuser_prompt
 from medcap.generators.families import render_chat
 from medcap.generators.sft_data import END_OF_TURN, IGNORE, PromptDriftError
 from medcap.records import NeighbourList
+from medcap.runs import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -151,20 +151,8 @@ def _fingerprint(cfg: FusionConfig, train: Sequence[TrainItem]) -> str:
 
 def _atomic_dir(dst: Path, write) -> None:
     """Run ``write(tmp)`` on a temporary sibling folder, then put it in place of ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(dst) as tmp:
         write(tmp)
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if dst.exists():
-            dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _latest_checkpoint(root: Path) -> Path | None:

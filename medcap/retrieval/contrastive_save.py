@@ -14,13 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import EncoderConfig
-from medcap.runs import write_json
+from medcap.runs import atomic_dir, write_json
 
 if TYPE_CHECKING:
     from medcap.retrieval.encoders import Encoder
@@ -37,8 +35,7 @@ def save_encoder_folder(encoder: Encoder, cfg: EncoderConfig, out_dir: Path, rep
 
     out_dir = Path(out_dir).expanduser().resolve()
     model_cfg, preprocess_cfg = source_config(encoder, cfg)
-    tmp = _fresh(out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         text_cfg = model_cfg.setdefault("text_cfg", {})
         if "hf_model_name" in text_cfg:
             encoder.model.text.config.save_pretrained(tmp / HF_TEXT_DIR)
@@ -61,15 +58,6 @@ def save_encoder_folder(encoder: Encoder, cfg: EncoderConfig, out_dir: Path, rep
         write_json(tmp / REPORT, report)
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)  # write_atomic makes private (0600) files
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log.info("saved encoder to %s", out_dir)
     return f"local-dir:{out_dir}"
 
@@ -138,10 +126,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
-
-
-def _fresh(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
