@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny_vlms: the tiny random models the
 
 from medcap.config import EngineConfig, GenerationConfig  # noqa: E402
 from medcap.engines.base import Request  # noqa: E402
-from medcap.generators.families import get_family  # noqa: E402
+from medcap.models.families import get_family  # noqa: E402
 
 
 @dataclass

@@ -31,32 +31,30 @@ class AblationResult:
 def default_variants(cfg: RunConfig) -> list[VariantConfig]:
     """Each caption set alone (generators, synthesizers, fusers), and the submitted one with k in {1, 3, 5}."""
     names = [o.name for o in (*cfg.generators, *cfg.synthesizers, *cfg.fusers)]
-    target = cfg.submit.variant or names[-1]
-    variants = [VariantConfig(name=n, output=n) for n in names]
+    target = cfg.submit.caption_set or names[-1]
+    variants = [VariantConfig(name=n, caption_set=n) for n in names]
     variants += [
-        VariantConfig(name=f"{target}-k{k}", set=[f"retrieval.k={k}"], output=target)
+        VariantConfig(name=f"{target}-k{k}", set=[f"retrieval.k={k}"], caption_set=target)
         for k in (1, 3, 5)
         if k != cfg.retrieval.k
     ]
     return variants
 
 
-def _needed(pipe, output: str) -> set[str]:
-    """``output`` and every caption set it is made from (fails, naming it, if the config lacks it)."""
-    pipe.output_cfg(output)
-    if output in {g.name for g in pipe.cfg.generators}:
-        return {output}
-    return {output}.union(*(_needed(pipe, i) for i in pipe.inputs_of(output)))
+def _needed(pipe, name: str) -> set[str]:
+    """``name`` and every caption set it is made from (fails, naming it, if the config lacks it)."""
+    pipe.caption_set(name)
+    return {name}.union(*(_needed(pipe, i) for i in pipe.inputs_of(name)))
 
 
 def parse_variant(text: str) -> VariantConfig:
-    """``NAME[@OUTPUT]:KEY=VALUE;KEY=VALUE`` (overrides optional), e.g. ``k1@consensus:retrieval.k=1``."""
+    """``NAME[@CAPTION_SET]:KEY=VALUE;KEY=VALUE`` (overrides optional), e.g. ``k1@consensus:retrieval.k=1``."""
     head, _, sets = text.partition(":")
-    name, _, output = head.partition("@")
+    name, _, caption_set = head.partition("@")
     if not name.strip():
-        raise ConfigError(f"variant {text!r}: expected NAME[@OUTPUT]:KEY=VALUE;KEY=VALUE")
+        raise ConfigError(f"variant {text!r}: expected NAME[@CAPTION_SET]:KEY=VALUE;KEY=VALUE")
     overrides = [s.strip() for s in sets.split(";") if s.strip()]
-    return VariantConfig(name=name.strip(), set=overrides, output=output.strip() or None)
+    return VariantConfig(name=name.strip(), set=overrides, caption_set=caption_set.strip() or None)
 
 
 def variant_config(cfg: RunConfig, variant: VariantConfig, split: str) -> RunConfig:
@@ -96,7 +94,7 @@ def run_ablation(
     for variant in variants:
         vcfg = variant_config(cfg, variant, split)
         pipe = Pipeline(vcfg, peers=list(peers))
-        output = variant.output or pipe.submit_variant
+        output = variant.caption_set or pipe.submitted
         needed = _needed(pipe, output)  # run only what the scored caption set is made from
         vcfg.generators = [g for g in vcfg.generators if g.name in needed]
         vcfg.synthesizers = [o for o in vcfg.synthesizers if o.name in needed]
@@ -118,7 +116,10 @@ def run_ablation(
         f"split: {split}; {len(scored[0].per_image)} images; reference: {reference}",
         f"stages executed across variants: {ran}",
     ]
-    notes += [f"`{v.name}`: {'; '.join(v.set) or 'the run config'} -> {v.output or 'submit.variant'}" for v in variants]
+    notes += [
+        f"`{v.name}`: {'; '.join(v.set) or 'the run config'} -> {v.caption_set or 'submit.caption_set'}"
+        for v in variants
+    ]
     md = write_ablation_md(
         table, root / "ablation.md", title=f"Ablation of {cfg.name}", reference=reference, notes=notes
     )

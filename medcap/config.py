@@ -29,6 +29,7 @@ class DataConfig:
     image_dirs: list[str] = field(default_factory=lambda: ["{split}", "images", "{split}_images"])  # under root
     on_error: str = "raise"  # raise: stop at bad rows | skip: drop them and write them to RUN/rejects/
     verify_images: bool = True  # decode every image when a split is loaded (~1 s per 2,000 images)
+    limit: int | None = None  # only the first N images of each split: a smoke run (`medcap run --limit N`)
 
 
 @dataclass
@@ -191,12 +192,12 @@ class SynthesizerConfig:
 
 
 @dataclass
-class FusionConfig:
-    """Turns the candidates of several generators into one caption per image."""
+class FuserConfig:
+    """Turns the caption sets of generators (and synthesizers) into one caption per image."""
 
-    name: str = "mbr"  # the folder under fused/
+    name: str = "mbr"  # the caption set's name: the folder under fused/
     kind: str = "mbr"  # mbr (consensus by expected utility) | rerank (image-caption similarity) | lm (LM-Fuser)
-    candidates: list[str] = field(default_factory=list)  # generators (or synthesis names) it reads; empty: all
+    candidates: list[str] = field(default_factory=list)  # caption sets it reads (generators, synthesizers); empty: all
     utility: str = "rouge1"  # mbr: rouge1 | bertscore | embedding
     model: str = "smollm2"  # lm: the fuser's base causal LM (smollm2 offline, Qwen/Qwen2.5-0.5B-Instruct, ...)
     use_neighbours: bool = False  # lm: also show the neighbours' captions
@@ -229,7 +230,7 @@ class EvalConfig:
 @dataclass
 class SubmitConfig:
     year: int = 2024  # submission rules of this ImageCLEF year (2023..2026)
-    variant: str | None = None  # candidate set to submit; default: the last generator
+    caption_set: str | None = None  # the caption set to submit; default: the last one (fusers come last)
 
 
 @dataclass
@@ -238,7 +239,7 @@ class VariantConfig:
 
     name: str = "base"
     set: list[str] = field(default_factory=list)  # KEY=VALUE overrides, as with --set
-    output: str | None = None  # generator whose captions are scored; default: submit.variant
+    caption_set: str | None = None  # the caption set scored; default: submit.caption_set
 
 
 @dataclass
@@ -260,7 +261,7 @@ class RunConfig:
         default_factory=lambda: [GeneratorConfig("nearest", "nearest"), GeneratorConfig("consensus", "consensus")]
     )
     synthesizers: list[SynthesizerConfig] = field(default_factory=list)
-    fusers: list[FusionConfig] = field(default_factory=list)
+    fusers: list[FuserConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
@@ -268,6 +269,51 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------- cache keys
+
+# Settings that cannot change any artifact: left out of every cache key, so changing them reruns
+# nothing. Batch sizes, devices and workers change speed, not results; where a server is and how
+# long to wait for it change nothing it answers; run names and the ablation and encoder-training
+# sections are read by no stage. tests/test_keys.py holds every other leaf field of the config to
+# changing the key of the stage it configures: a new field must be in one or the other.
+NO_EFFECT: dict[type, frozenset[str]] = {
+    RunConfig: frozenset({"name", "runs_dir", "ablation"}),
+    EncoderConfig: frozenset({"batch_size", "device", "num_workers"}),
+    IndexConfig: frozenset({"gpu"}),
+    RetrievalConfig: frozenset({"encoder_training"}),
+    EngineConfig: frozenset(
+        {
+            "batch_size",
+            "device",
+            "base_url",
+            "api_key",
+            "concurrency",
+            "timeout",
+            "max_retries",
+            "gpu_memory_utilization",
+        }
+    ),
+    TrainConfig: frozenset({"save_every", "eval_samples"}),
+    EvalConfig: frozenset({"batch_size", "device"}),
+}
+
+
+def key_settings(section: Any) -> Any:
+    """A config section as plain data for a cache key: every field but those in ``NO_EFFECT``, recursively."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(section):
+        skip = NO_EFFECT.get(type(section), frozenset())
+        return {
+            f.name: key_settings(getattr(section, f.name)) for f in dataclasses.fields(section) if f.name not in skip
+        }
+    if isinstance(section, (list, tuple)):
+        return [key_settings(v) for v in section]
+    if isinstance(section, dict):
+        return {k: key_settings(v) for k, v in section.items()}
+    return section
 
 
 # --------------------------------------------------------------------------- loading

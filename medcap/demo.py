@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class DemoResult:
     run_dir: Path
     data_dir: Path
+    submitted: str
     submission: Path
     ablation: Path
     plot: Path
@@ -36,10 +37,10 @@ def demo_config(out: Path, overrides: list[str] = ()) -> RunConfig:
 
 def run_demo(out: str | Path = "medcap-demo", n: int = 240, overrides: list[str] = ()) -> DemoResult:
     from medcap.ablate import run_ablation
+    from medcap.data.phantom import write_phantom
     from medcap.eval.report import write_report
-    from medcap.phantom import write_phantom
+    from medcap.eval.stage import current_scores
     from medcap.pipeline import Pipeline
-    from medcap.runs import summarise_scores
 
     out = Path(out)
     data = out / "data" / "phantom"
@@ -48,16 +49,18 @@ def run_demo(out: str | Path = "medcap-demo", n: int = 240, overrides: list[str]
         write_phantom(data, n=n, seed=0)
     cfg = demo_config(out, list(overrides))
     pipe = Pipeline(cfg)
-    pipe.run_stages()
-    ablation = run_ablation(cfg)
-    split = cfg.ablation.split or cfg.data.query_splits[-1]
-    report = write_report(pipe.run.root, split=split)
+    with pipe.session("medcap demo"):
+        pipe.run_stages()
+        ablation = run_ablation(cfg)
+        split = cfg.ablation.split or cfg.data.query_splits[-1]
+        report = write_report(pipe.run.root, split=split)
     return DemoResult(
         pipe.run.root,
         data,
-        pipe.run.submission(pipe.submit_variant),
+        pipe.submitted,
+        pipe.path("submit", pipe.submitted, pipe.submit_split),
         ablation.table_md,
         ablation.plot,
         report,
-        summarise_scores(pipe.run),
+        current_scores(pipe),
     )

@@ -1,40 +1,81 @@
-"""Chains the stages through the run directory, with a cache key per artifact.
+"""The generic runner: stages declare their artifacts, inputs and settings; the runner chains them.
 
-Each artifact's key hashes its stage's config and the keys of its inputs, so changing one stage's
-settings reruns that stage and every stage after it, and nothing else. Keys come from the config
-and the data alone, so any stage can be run by itself once its inputs exist.
+A run is the set of artifacts its config asks for. Each artifact is made by one stage for one
+target (a split; a caption set and a split; a model): ``Pipeline.make(stage, *target)`` returns its
+path, taken from the cache when its manifest carries the expected key, else made after its inputs.
+An artifact's key hashes its stage's name, the settings the stage declares for it and the keys of
+its inputs, so a changed setting reruns that stage and every stage after it, and nothing else.
+Keys come from the config and the data alone, so any stage can run by itself once its inputs exist.
+
+The runner knows no stage or kind: stages are looked up by name in ``STAGES`` (imported when first
+used), caption sets by their config section. Which stages may run in a command is its ``allowed``
+set; an input whose stage may not run must already be fresh, or the command says what to run first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medcap.config import FusionConfig, GeneratorConfig, RunConfig, SynthesizerConfig, config_hash, dump_config
+from medcap.config import RunConfig, SynthesizerConfig, config_hash, dump_config
 from medcap.data import SplitData, load_split, write_rejects
-from medcap.generators import needs_training
-from medcap.records import Candidate, NeighbourList
-from medcap.runs import (
-    Manifest,
-    ResumableJsonl,
-    RunDir,
-    borrow,
-    is_fresh,
-    read_jsonl,
-    run_lock,
-    write_atomic,
-)
+from medcap.records import Candidate, Example, NeighbourList
+from medcap.runs import RunDir, borrow, is_fresh, read_jsonl, run_lock, write_atomic
 
 log = logging.getLogger(__name__)
 
-STAGES = ("embed", "index", "retrieve", "train", "generate", "synthesize", "fuse", "evaluate", "submit")
+# Stage name -> where it lives ("module:Class"), in pipeline order. A stage is imported when first used.
+STAGES: dict[str, str] = {
+    "embed": "medcap.retrieval.stages:Embed",
+    "index": "medcap.retrieval.stages:Index",
+    "retrieve": "medcap.retrieval.stages:Retrieve",
+    "train": "medcap.generators.stage:Train",
+    "generate": "medcap.generators.stage:Generate",
+    "synthesize": "medcap.synthesizer.stage:Synthesize",
+    "train-fuser": "medcap.fuser.stage:TrainFuser",
+    "fuse": "medcap.fuser.stage:Fuse",
+    "evaluate": "medcap.eval.stage:Evaluate",
+    "submit": "medcap.eval.stage:Submit",
+}
+Need = tuple  # (stage name, *target)
 
 
 class StageInputError(RuntimeError):
     """A stage's input artifact is missing or was made with other settings."""
+
+
+class Stage:
+    """One stage: the artifacts it makes for a run, their paths, inputs and settings, and how to make one."""
+
+    name = ""
+    command = "medcap run CONFIG"  # how a user makes this stage's artifacts alone
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        """The artifacts a whole run asks of this stage."""
+        return []
+
+    def path(self, pipe: Pipeline, *t: Any) -> Path:
+        raise NotImplementedError
+
+    def needs(self, pipe: Pipeline, *t: Any) -> list[Need]:
+        """Input artifacts, as (stage, *target): their keys enter this artifact's key."""
+        return []
+
+    def settings(self, pipe: Pipeline, *t: Any) -> Any:
+        """Everything besides its inputs that shapes the artifact (config sections, data fingerprints, seeds)."""
+        return None
+
+    def make(self, pipe: Pipeline, out: Path, key: str, *t: Any) -> None:
+        """Write the artifact ``out`` and, last, its manifest with ``key``."""
+        raise NotImplementedError
+
+    def hint(self, pipe: Pipeline, *t: Any) -> str:
+        return self.command
 
 
 @dataclass
@@ -44,28 +85,54 @@ class StageRun:
     ran: bool  # False: up to date, taken from the cache
 
 
+@dataclass(frozen=True)
+class CaptionSet:
+    """Anything that writes one caption per image: a generator, a synthesizer or a fuser."""
+
+    name: str
+    stage: str  # generate | synthesize | fuse
+    cfg: Any
+
+
+_stage_cache: dict[str, Stage] = {}
+
+
+def get_stage(name: str) -> Stage:
+    """The stage registered under ``name`` (imported on first use)."""
+    if name not in _stage_cache:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages: {list(STAGES)}")
+        module, _, attr = STAGES[name].partition(":")
+        _stage_cache[name] = getattr(importlib.import_module(module), attr)()
+    return _stage_cache[name]
+
+
 @dataclass
 class Pipeline:
-    """One run: its config, its run directory, and what each stage did in this process."""
+    """One run: its config, its run folder, and what each stage did in this process."""
 
     cfg: RunConfig
     peers: list[Path] = field(default_factory=list)  # other run folders whose fresh artifacts may be reused
     history: list[StageRun] = field(default_factory=list)
+    allowed: set[str] | None = None  # stages that may run in this command (None: all)
     _splits: dict[str, SplitData] = field(default_factory=dict, repr=False)
-    _encoder: Any = field(default=None, repr=False)
     _data_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    _keys: dict[tuple, str] = field(default_factory=dict, repr=False)
+    _resources: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _sessions: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         root = Path(self.cfg.data.root)
         if root.exists():  # the saved config must work from any working directory
             self.cfg.data.root = str(root.resolve())
         self.run = RunDir(self.cfg.run_dir)
-        write_atomic(self.run.config(), dump_config(self.cfg))
 
     # ------------------------------------------------------------------ data
     def split(self, name: str) -> SplitData:
         if name not in self._splits:
             data = load_split(self.cfg.data, name)
+            if self.cfg.data.limit is not None:
+                data = SplitData(data.split, data.examples[: self.cfg.data.limit], data.rejects)
             if data.rejects:
                 path = self.run.rejects(name)
                 write_rejects(path, data.rejects)
@@ -73,242 +140,124 @@ class Pipeline:
             self._splits[name] = data
         return self._splits[name]
 
+    def add_split(self, name: str, examples: list[Example]) -> None:
+        """A split that is not in the data set (images given to the Python API)."""
+        self._splits[name] = SplitData(name, list(examples))
+        self._data_keys.pop(name, None)
+        self._keys.clear()
+
     def data_key(self, split: str) -> str:
         """Fingerprint of a split: the data settings and every example (caption, image size and mtime)."""
-        if split in self._data_keys:  # every downstream key needs it; the data do not change during a run
-            return self._data_keys[split]
-        rows = []
-        for ex in self.split(split).examples:
-            img = ex.image
-            if isinstance(img, Path):
-                st = img.stat()
-                img = (img.name, st.st_size, st.st_mtime_ns)
-            elif isinstance(img, bytes):
-                img = config_hash(img.hex())
-            rows.append((ex.id, ex.caption, list(ex.concepts), ex.group, img))
-        self._data_keys[split] = config_hash("data", self.cfg.data.format, self.cfg.data.group_column, rows)
+        if split not in self._data_keys:  # every downstream key needs it; the data do not change during a run
+            rows = []
+            for ex in self.split(split).examples:
+                img = ex.image
+                if isinstance(img, Path):
+                    st = img.stat()
+                    img = (img.name, st.st_size, st.st_mtime_ns)
+                elif isinstance(img, bytes):
+                    img = config_hash(img.hex())
+                rows.append((ex.id, ex.caption, list(ex.concepts), ex.group, img))
+            self._data_keys[split] = config_hash("data", self.cfg.data.group_column, rows)
         return self._data_keys[split]
 
     @property
     def splits(self) -> list[str]:
         return list(dict.fromkeys([self.cfg.data.index_split, *self.cfg.data.query_splits]))
 
-    # ------------------------------------------------------------------ keys
-    def embed_key(self, split: str) -> str:
-        enc = self.cfg.retrieval.encoder
-        return config_hash("embed", enc.name, enc.pretrained, enc.revision, enc.precision, self.data_key(split))
+    # ------------------------------------------------------------------ artifacts
+    def key(self, stage: str, *t: Any) -> str:
+        """The cache key of ``stage``'s artifact for target ``t``: its settings and its inputs' keys."""
+        k = (stage, *t)
+        if k not in self._keys:
+            st = get_stage(stage)
+            inputs = [self.key(*need) for need in st.needs(self, *t)]
+            self._keys[k] = config_hash(stage, st.settings(self, *t), inputs)
+        return self._keys[k]
 
-    def index_key(self) -> str:
-        return config_hash("index", self.cfg.retrieval.index, self.embed_key(self.cfg.data.index_split))
+    def path(self, stage: str, *t: Any) -> Path:
+        return get_stage(stage).path(self, *t)
 
-    def neighbours_key(self, split: str) -> str:
-        r = self.cfg.retrieval
-        index_data = self.data_key(self.cfg.data.index_split)
-        return config_hash("retrieve", r.k, r.exclude_same_group, self.index_key(), self.embed_key(split), index_data)
+    def fresh(self, stage: str, *t: Any) -> bool:
+        return is_fresh(self.path(stage, *t), self.key(stage, *t))
 
-    def model_key(self, generator: str) -> str:
-        """Key of a generator's trained model: what shapes training, not how it decodes or is served."""
-        g, index_split = self.generator_cfg(generator), self.cfg.data.index_split
-        shaping = (g.kind, g.model, g.mode, g.k, g.shot_images, g.prompt, g.max_pixels, g.lora, g.train, g.prefix)
-        inputs = [self.data_key(index_split)]
-        if g.kind == "prefix":
-            inputs.append(self.embed_key(index_split))
-        if g.mode == "few-shot":
-            inputs.append(self.neighbours_key(index_split))
-        return config_hash("train", shaping, inputs)
-
-    def candidates_key(self, generator: str, split: str) -> str:
-        g = self.generator_cfg(generator)
-        trained = self.model_key(generator) if needs_training(g) else None
-        embedded = self.embed_key(split) if g.kind == "prefix" else None
-        return config_hash("generate", g, self.neighbours_key(split), trained, embedded)
-
-    def generator_cfg(self, name: str):
-        for g in self.cfg.generators:
-            if g.name == name:
-                return g
-        raise ValueError(f"no generator named {name!r} in the config; have {[g.name for g in self.cfg.generators]}")
+    def make(self, stage: str, *t: Any) -> Path:
+        """The artifact of ``stage`` for ``t``: from the cache, or made (inputs first) when the stage may run."""
+        st = get_stage(stage)
+        out, key = st.path(self, *t), self.key(stage, *t)
+        if is_fresh(out, key) or borrow(out, key, self.peers, self.run.root):
+            self.record(stage, out, False)
+            return out
+        if self.allowed is not None and stage not in self.allowed:
+            raise StageInputError(f"{out} is missing or out of date for this config: run `{st.hint(self, *t)}` first")
+        for need in st.needs(self, *t):
+            self.make(*need)
+        log.info("%s %s", stage, " / ".join(map(str, t)) or "")
+        st.make(self, out, key, *t)
+        self.record(stage, out, True)
+        return out
 
     def record(self, stage: str, artifact: Path, ran: bool) -> None:
         self.history.append(StageRun(stage, artifact, ran))
-        log.info("%s %s: %s", stage, artifact, "done" if ran else "up to date")
+        log.debug("%s %s: %s", stage, artifact, "done" if ran else "up to date")
 
-    def cached(self, artifact: Path, key: str) -> bool:
-        """Up to date here, or taken from a peer run that made it with the same key (ablation variants)."""
-        return is_fresh(artifact, key) or borrow(artifact, key, self.peers, self.run.root)
+    def resource(self, key: Any, build: Callable[[], Any]) -> Any:
+        """An object shared by the stages of this process (an encoder, an engine), built once."""
+        if key not in self._resources:
+            self._resources[key] = build()
+        return self._resources[key]
 
-    def require(self, artifact: Path, key: str, how: str) -> None:
-        if not is_fresh(artifact, key):
-            raise StageInputError(f"{artifact} is missing or out of date for this config: run `{how}` first")
+    def close(self) -> None:
+        """Free the shared objects (engines close their models)."""
+        for obj in self._resources.values():
+            close = getattr(obj, "close", None)
+            if callable(close):
+                close()
+        self._resources.clear()
 
-    # ------------------------------------------------------------------ stages
-    def embed(self, split: str) -> Path:
-        from medcap.retrieval.embed import embed_examples
-        from medcap.retrieval.encoders import load_encoder
-
-        out, key = self.run.embeddings(self.cfg.retrieval.encoder.name, split), self.embed_key(split)
-        if self.cached(out, key):
-            self.record("embed", out, False)
-            return out
-        if self._encoder is None:
-            self._encoder = load_encoder(self.cfg.retrieval.encoder)
-        embed_examples(self.cfg.retrieval.encoder, self.split(split).examples, out, key, encoder=self._encoder)
-        self.record("embed", out, True)
-        return out
-
-    def build_index(self) -> Path:
-        from medcap.retrieval.embed import load_embeddings
-        from medcap.retrieval.index import build_index, save_index
-
-        enc, split = self.cfg.retrieval.encoder.name, self.cfg.data.index_split
-        out, key = self.run.index(enc), self.index_key()
-        if self.cached(out, key):
-            self.record("index", out, False)
-            return out
-        emb = self.run.embeddings(enc, split)
-        self.require(emb, self.embed_key(split), "medcap embed CONFIG")
-        ids, vectors = load_embeddings(emb)
-        save_index(build_index(vectors, self.cfg.retrieval.index), out)
-        Manifest("index", key, complete=True, inputs=(str(emb),), count=len(ids)).write(out)
-        self.record("index", out, True)
-        return out
-
-    def retrieve(self, split: str) -> Path:
-        from medcap.retrieval.embed import load_embeddings
-        from medcap.retrieval.index import load_index
-        from medcap.retrieval.neighbours import find_neighbours, neighbour_records
-
-        r, enc = self.cfg.retrieval, self.cfg.retrieval.encoder.name
-        out, key = self.run.neighbours(split), self.neighbours_key(split)
-        if self.cached(out, key):
-            self.record("retrieve", out, False)
-            return out
-        index_path, emb = self.run.index(enc), self.run.embeddings(enc, split)
-        index_emb = self.run.embeddings(enc, self.cfg.data.index_split)
-        self.require(index_path, self.index_key(), "medcap index CONFIG")
-        self.require(emb, self.embed_key(split), "medcap embed CONFIG")
-        index_ids, _ = load_embeddings(index_emb)
-        query_ids, queries = load_embeddings(emb)
-        index_examples = {ex.id: ex for ex in self.split(self.cfg.data.index_split).examples}
-        query_groups = {ex.id: ex.group for ex in self.split(split).examples}
-
-        sink = ResumableJsonl(out, "retrieve", key, inputs=(str(index_path), str(emb)))
-        todo = [i for i, qid in enumerate(query_ids) if qid not in sink.done]
-        if todo:
-            index = load_index(index_path, r.index)
-            for start in range(0, len(todo), 1024):
-                rows = todo[start : start + 1024]
-                ids = [query_ids[i] for i in rows]
-                hits = find_neighbours(
-                    index, index_ids, ids, queries[rows], r.k,
-                    index_groups=[index_examples[i].group for i in index_ids],
-                    query_groups=[query_groups.get(i) for i in ids],
-                    exclude_same_group=r.exclude_same_group,
-                )  # fmt: skip
-                sink.write([n.to_json() for n in neighbour_records(hits, ids, index_examples)])
-        sink.finish()
-        self.record("retrieve", out, True)
-        return out
-
-    def neighbour_lists(self, split: str) -> dict[str, NeighbourList]:
-        path = self.run.neighbours(split)
-        self.require(path, self.neighbours_key(split), "medcap retrieve CONFIG")
-        return {row["id"]: NeighbourList.from_json(row) for row in read_jsonl(path)}
-
-    def train(self, generator: str) -> Path | None:
-        """Train the generator's model (prefix captioner, LoRA adapter) on the index split, if it needs one."""
-        from medcap.generators import stage
-
-        return stage.train(self, generator)
-
-    def generate(self, generator: str, split: str) -> Path:
-        from medcap.generators import stage
-
-        return stage.generate(self, generator, split)
-
-    def synthesize(self, name: str, split: str) -> Path:
-        from medcap.synthesizer import stage
-
-        return stage.synthesize(self, name, split)
-
-    def train_fuser(self, name: str) -> Path | None:
-        from medcap.fuser import stage
-
-        return stage.train_fuser(self, name)
-
-    def fuse(self, name: str, split: str) -> Path | None:
-        from medcap.fuser import stage
-
-        return stage.fuse(self, name, split)
-
-    # ------------------------------------------------------------------ outputs: every caption set
+    # ------------------------------------------------------------------ caption sets
     @property
-    def outputs(self) -> list[str]:
+    def caption_sets(self) -> list[str]:
         """Every caption set of the run, in pipeline order: generators, synthesizers, fusers."""
         return [o.name for o in (*self.cfg.generators, *self.cfg.synthesizers, *self.cfg.fusers)]
 
-    def output_cfg(self, name: str):
-        for o in (*self.cfg.generators, *self.cfg.synthesizers, *self.cfg.fusers):
+    def caption_set(self, name: str) -> CaptionSet:
+        for stage, section in (("generate", self.cfg.generators), ("synthesize", self.cfg.synthesizers)):
+            for o in section:
+                if o.name == name:
+                    return CaptionSet(name, stage, o)
+        for o in self.cfg.fusers:
             if o.name == name:
-                return o
-        raise ValueError(f"no generator, synthesizer or fuser named {name!r}; have {self.outputs}")
+                return CaptionSet(name, "fuse", o)
+        raise ValueError(f"no generator, synthesizer or fuser named {name!r}; have {self.caption_sets}")
 
-    def output_path(self, name: str, split: str) -> Path:
-        o = self.output_cfg(name)
-        if isinstance(o, SynthesizerConfig):
-            return self.run.synthesis(name, split)
-        if isinstance(o, FusionConfig):
-            return self.run.fused(name, split)
-        return self.run.candidates(name, split)
+    def generator_cfg(self, name: str):
+        cs = self.caption_set(name)
+        if cs.stage != "generate":
+            raise ValueError(f"{name!r} is a {cs.stage} caption set, not a generator")
+        return cs.cfg
 
     def inputs_of(self, name: str) -> list[str]:
         """The caption sets a synthesizer or fuser reads (default: every generator, and synthesizers for fusers)."""
-        o = self.output_cfg(name)
-        if o.candidates:
-            return list(o.candidates)
+        cs = self.caption_set(name)
+        if cs.stage == "generate":
+            return []
+        if cs.cfg.candidates:
+            return list(cs.cfg.candidates)
         names = [g.name for g in self.cfg.generators]
-        return names + [s.name for s in self.cfg.synthesizers] if isinstance(o, FusionConfig) else names
+        return names if isinstance(cs.cfg, SynthesizerConfig) else names + [s.name for s in self.cfg.synthesizers]
 
-    def output_key(self, name: str, split: str) -> str:
-        o = self.output_cfg(name)
-        if isinstance(o, GeneratorConfig):
-            return self.candidates_key(name, split)
-        inputs = [self.output_key(i, split) for i in self.inputs_of(name)]
-        if isinstance(o, SynthesizerConfig):
-            return config_hash("synthesize", o, inputs, self.neighbours_key(split))
-        extra = []
-        if o.kind == "lm":
-            extra.append(self.fuser_model_key(name))
-        if o.kind == "rerank":
-            extra.append(self.embed_key(split))
-        if o.kind == "lm" and o.use_neighbours:
-            extra.append(self.neighbours_key(split))
-        return config_hash("fuse", o, inputs, extra)
-
-    def fuser_model_key(self, name: str) -> str:
-        o = self.output_cfg(name)
-        inputs = [self.output_key(i, o.train_split) for i in self.inputs_of(name)]
-        nb = self.neighbours_key(o.train_split) if o.use_neighbours else None
-        shaping = (o.model, o.use_neighbours, o.k, o.lora, o.train, self.inputs_of(name))
-        return config_hash("train-fuser", shaping, inputs, nb, self.data_key(o.train_split))
+    def caption_need(self, name: str, split: str) -> Need:
+        return (self.caption_set(name).stage, name, split)
 
     def captions(self, name: str, split: str) -> dict[str, str]:
-        """The captions of any caption set (generator, synthesizer, fuser) for a split, by image ID."""
-        path = self.output_path(name, split)
-        self.require(path, self.output_key(name, split), "medcap run CONFIG")
+        """The captions of any caption set for a split, by image ID (made first when its stage may run)."""
+        path = self.make(*self.caption_need(name, split))
         return {c.id: c.caption for c in map(Candidate.from_json, read_jsonl(path))}
 
-    def evaluate(self, name: str, split: str) -> Path | None:
-        """Score a caption set with the eval suite (``medcap/eval/stage.py``)."""
-        from medcap.eval import stage
-
-        return stage.evaluate(self, name, split)
-
-    def submit(self, name: str, split: str, year: int | None = None, out: Path | None = None) -> Path:
-        """Write and validate a submission file (``medcap/eval/stage.py``)."""
-        from medcap.eval import stage
-
-        return stage.submit(self, name, split, year, out)
+    def neighbour_lists(self, split: str) -> dict[str, NeighbourList]:
+        path = self.make("retrieve", split)
+        return {row["id"]: NeighbourList.from_json(row) for row in read_jsonl(path)}
 
     # ------------------------------------------------------------------ whole run
     @property
@@ -317,51 +266,93 @@ class Pipeline:
         return "test" if "test" in queries else queries[-1]
 
     @property
-    def submit_variant(self) -> str:
-        return self.cfg.submit.variant or self.outputs[-1]
+    def submitted(self) -> str:
+        """The caption set a run submits: ``submit.caption_set``, else the last one."""
+        return self.cfg.submit.caption_set or self.caption_sets[-1]
 
-    def run_stages(self, only: Iterable[str] = (), skip: Iterable[str] = ()) -> list[StageRun]:
-        """Run the stages in order (all, or ``only`` these, minus ``skip``); returns what happened."""
-        wanted = [s for s in STAGES if (not only or s in only) and s not in skip]
-        unknown = (set(only) | set(skip)) - set(STAGES)
+    def plan(self, only: Iterable[str] = (), skip: Iterable[str] = ()) -> list[str]:
+        """The stages a command runs, in order; unknown names fail before anything is written."""
+        only, skip = list(only), list(skip)
+        unknown = sorted((set(only) | set(skip)) - set(STAGES))
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {list(STAGES)}")
-        with run_lock(self.run.root):
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {list(STAGES)}")
+        return [s for s in STAGES if (not only or s in only) and s not in skip]
+
+    def status(self, stage: str, *t: Any) -> tuple[str, str]:
+        """(cached | borrow | run | blocked, why) for one artifact, without making anything."""
+        from medcap.runs import Manifest
+
+        out, key = self.path(stage, *t), self.key(stage, *t)
+        if is_fresh(out, key):
+            return "cached", ""
+        if any(is_fresh(Path(peer) / out.resolve().relative_to(self.run.root.resolve()), key) for peer in self.peers):
+            return "borrow", "made with the same key in another run folder"
+        m = Manifest.read(out)
+        if m is None or not out.exists():
+            why = "missing"
+        elif m.key != key:
+            why = "made with other settings"
+        else:
+            why = "unfinished: resumes where it stopped"
+        if self.allowed is not None and stage not in self.allowed:
+            return "blocked", f"{why}; run `{get_stage(stage).hint(self, *t)}` first"
+        return "run", why
+
+    def dry_run(self, only: Iterable[str] = (), skip: Iterable[str] = ()) -> list[tuple[str, tuple, Path, str, str]]:
+        """What ``run_stages`` would do: (stage, target, artifact, status, why) in the order it would happen."""
+        wanted = self.plan(only, skip)
+        self.allowed = set(wanted)
+        rows: list[tuple[str, tuple, Path, str, str]] = []
+        seen: set[tuple] = set()
+
+        def visit(stage: str, *t: Any) -> None:
+            if (stage, *t) in seen:
+                return
+            seen.add((stage, *t))
+            state, why = self.status(stage, *t)
+            if state == "run":
+                for need in get_stage(stage).needs(self, *t):
+                    visit(*need)
+            rows.append((stage, t, self.path(stage, *t), state, why))
+
+        for stage in wanted:
+            for t in get_stage(stage).targets(self):
+                visit(stage, *t)
+        return rows
+
+    def run_stages(
+        self, only: Iterable[str] = (), skip: Iterable[str] = (), allow: Iterable[str] = ()
+    ) -> list[StageRun]:
+        """Run the stages in order (all, or ``only`` these, minus ``skip``); returns what happened.
+
+        Inputs of other stages are made on demand only when their stage is run or in ``allow``.
+        """
+        wanted = self.plan(only, skip)
+        self.allowed = set(wanted) | set(allow)
+        with self.session():
             for stage in wanted:
-                self._run_stage(stage)
+                for t in get_stage(stage).targets(self):
+                    self.make(stage, *t)
         return self.history
 
-    def _run_stage(self, stage: str) -> None:
-        """One stage over every split and caption set it applies to."""
-        gens = [g.name for g in self.cfg.generators]
-        if stage == "embed":
-            for split in self.splits:
-                self.embed(split)
-        elif stage == "index":
-            self.build_index()
-        elif stage == "retrieve":
-            for split in self.cfg.data.query_splits:
-                self.retrieve(split)
-        elif stage == "train":
-            for g in gens:
-                self.train(g)
-        elif stage == "generate":
-            for split in self.cfg.data.query_splits:
-                for g in gens:
-                    self.generate(g, split)
-        elif stage == "synthesize":
-            for split in self.cfg.data.query_splits:
-                for syn in self.cfg.synthesizers:
-                    self.synthesize(syn.name, split)
-        elif stage == "fuse":
-            for fuser in self.cfg.fusers:
-                self.train_fuser(fuser.name)
-                for split in self.cfg.data.query_splits:
-                    self.fuse(fuser.name, split)
-        elif stage == "evaluate":
-            for split in self.cfg.data.query_splits:
-                for name in self.outputs:
-                    if self.output_path(name, split).exists() or name in gens:
-                        self.evaluate(name, split)
-        elif stage == "submit":
-            self.submit(self.submit_variant, self.submit_split)
+    @contextlib.contextmanager
+    def session(self, command: str | None = None) -> Iterator[Pipeline]:
+        """Hold the run folder's lock while writing into it (re-entrant); log ``command`` to ``logs/run.log``;
+        free shared models at the end."""
+        from medcap.logs import run_log
+
+        if self._sessions:
+            self._sessions += 1
+            try:
+                yield self
+            finally:
+                self._sessions -= 1
+            return
+        with run_lock(self.run.root), run_log(self.run.root, command or "medcap (Python API)"):
+            self._sessions = 1
+            write_atomic(self.run.config(), dump_config(self.cfg))
+            try:
+                yield self
+            finally:
+                self._sessions = 0
+                self.close()

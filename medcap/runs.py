@@ -315,14 +315,18 @@ class RunDir:
     def fused(self, name: str, split: str) -> Path:
         return self.root / "fused" / safe_name(name) / f"{split}.jsonl"
 
-    def model(self, generator: str) -> Path:
-        return self.root / "models" / safe_name(generator)
+    def model(self, name: str) -> Path:
+        return self.root / "models" / safe_name(name)
 
-    def submission(self, variant: str) -> Path:
-        return self.root / "submissions" / f"{safe_name(variant)}.csv"
+    def fold_model(self, name: str, fold: int) -> Path:
+        """The cross-fitting model of ``fold`` (beside the whole-split model, so retraining one keeps the other)."""
+        return self.root / "models" / f"{safe_name(name)}.folds" / f"fold-{fold}"
 
-    def scores(self, variant: str, split: str) -> Path:
-        return self.root / "scores" / f"{safe_name(variant)}.{split}.json"
+    def submission(self, caption_set: str) -> Path:
+        return self.root / "submissions" / f"{safe_name(caption_set)}.csv"
+
+    def scores(self, caption_set: str, split: str) -> Path:
+        return self.root / "scores" / f"{safe_name(caption_set)}.{split}.json"
 
     def rejects(self, split: str) -> Path:
         return self.root / "rejects" / f"{split}.csv"
@@ -355,14 +359,3 @@ def run_lock(root: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def summarise_scores(run: RunDir) -> list[dict[str, Any]]:
-    """One row per scores file of a run: variant, split and corpus metrics."""
-    rows = []
-    for path in sorted((run.root / "scores").glob("*.json")):
-        if path.name.endswith(".manifest.json"):
-            continue
-        s = read_json(path)
-        rows.append({"variant": s["variant"], "split": s["split"], "n": s.get("n"), **s.get("metrics", {})})
-    return rows

@@ -20,7 +20,7 @@ def _datasets_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """A 48-image phantom data set (train/valid/test), written once per session; treat it as read-only."""
-    from medcap.phantom import write_phantom
+    from medcap.data.phantom import write_phantom
 
     return write_phantom(tmp_path_factory.mktemp("data") / "phantom", n=48, seed=0, image_size=64)
 

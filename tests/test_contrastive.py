@@ -83,7 +83,7 @@ def test_loss_drops_and_recall_improves(trained):
 
 def test_saved_folder_reloads_with_image_side_unchanged(tiny_clip, trained, phantom_dir):
     from medcap.data import load_image
-    from medcap.phantom import write_phantom  # noqa: F401  (the fixture's data set)
+    from medcap.data.phantom import write_phantom  # noqa: F401  (the fixture's data set)
     from medcap.retrieval.encoders import load_encoder
 
     name, out = trained
@@ -233,7 +233,7 @@ def _phantom_examples(root: Path):
 def test_effnet_minilm_trains_on_cached_embeddings(tmp_path):
     """The offline encoder: 40 phantom images, their cached embeddings, a self-contained saved folder."""
     from medcap.data import load_image
-    from medcap.phantom import write_phantom
+    from medcap.data.phantom import write_phantom
     from medcap.retrieval.contrastive import train_encoder
     from medcap.retrieval.embed import embed_examples
     from medcap.retrieval.encoders import OFFLINE_ENCODER, load_encoder

@@ -12,7 +12,7 @@ from PIL import Image
 
 from medcap.config import DataConfig
 from medcap.data import check_dataset, list_splits, load_image, load_split, write_rejects
-from medcap.problems import InputError
+from medcap.data.problems import InputError
 
 MEDPIX2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "medpix2"
 

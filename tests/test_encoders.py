@@ -10,7 +10,7 @@ from PIL import Image
 from tiny_models import make_tiny_open_clip
 
 from medcap.config import EncoderConfig
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError
 from medcap.retrieval.encoders import (
     BIOMEDCLIP_REPO,
     BIOMEDCLIP_REVISION,

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from tiny_vlms import cached_tiny_vlm
 
-from medcap.generators.families import FAMILIES, QWEN_MAX_PIXELS, get_family, torch_dtype
 from medcap.generators.prompts import build_messages, training_messages
-from medcap.problems import ModelNotFoundError
+from medcap.models.families import FAMILIES, QWEN_MAX_PIXELS, get_family, torch_dtype
+from medcap.models.hub import ModelNotFoundError
 
 IMAGE_TOKEN = {"llava": "<image>", "qwen2_5_vl": "<|image_pad|>", "medgemma": "<start_of_image>", "smolvlm": "<image>"}
 

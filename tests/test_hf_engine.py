@@ -8,9 +8,9 @@ from tiny_vlms import cached_tiny_vlm, make_tiny_llama, make_tiny_lora
 from medcap.config import EngineConfig, GenerationConfig
 from medcap.engines.base import Request
 from medcap.engines.hf import HFEngine, HFTextEngine, generate_kwargs
-from medcap.generators.families import FAMILIES, get_family
 from medcap.generators.prompts import build_messages
-from medcap.problems import ModelNotFoundError
+from medcap.models.families import FAMILIES, get_family
+from medcap.models.hub import ModelNotFoundError
 
 GREEDY = GenerationConfig(max_new_tokens=5)
 BEAM = GenerationConfig(max_new_tokens=5, num_beams=3)

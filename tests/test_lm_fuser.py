@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from medcap.config import FusionConfig, GenerationConfig, LoraConfig, TrainConfig
-from medcap.engines.hf import text_only as text_messages
+from medcap.config import FuserConfig, GenerationConfig, LoraConfig, TrainConfig
 from medcap.fuser.lm import META, LMFuser, fuser_prompt
 from medcap.fuser.lm_train import IGNORE, PATIENCE, FuserCollator, PromptDriftError, train_fuser
 from medcap.generators.clean import clean_caption
-from medcap.generators.families import render_chat
+from medcap.models.chat import render_chat
+from medcap.models.chat import text_only as text_messages
 from medcap.records import Neighbour, NeighbourList
 
 CANDS = {
@@ -45,9 +45,9 @@ def tokenizer(tiny_llama):
     return AutoTokenizer.from_pretrained(tiny_llama)
 
 
-def fuser_cfg(model: str, **train) -> FusionConfig:
+def fuser_cfg(model: str, **train) -> FuserConfig:
     tc = dict(max_steps=2, batch_size=2, grad_accum=1, lr=1e-3, eval_every=100, save_every=100, max_length=256)
-    return FusionConfig(
+    return FuserConfig(
         name="lmf",
         kind="lm",
         model=model,
@@ -68,7 +68,7 @@ def order(messages) -> list[str]:
 
 
 def test_prompt_labels_every_candidate_and_shuffles_only_with_rng():
-    cfg = FusionConfig(kind="lm")
+    cfg = FuserConfig(kind="lm")
     msgs = fuser_prompt(CANDS, None, cfg)
     text = prompt_text(msgs)
     for name, caption in CANDS.items():
@@ -89,11 +89,11 @@ def test_prompt_neighbours_and_candidate_filter():
         tuple(Neighbour(f"n{i}", 1 - i / 10, f"Neighbour caption {i}.") for i in range(4))
         + (Neighbour("q", 0.1, "Own."),),
     )
-    text = prompt_text(fuser_prompt(CANDS, nl, FusionConfig(kind="lm", use_neighbours=True, k=2)))
+    text = prompt_text(fuser_prompt(CANDS, nl, FuserConfig(kind="lm", use_neighbours=True, k=2)))
     assert "Neighbour caption 0." in text and "Neighbour caption 1." in text and "Neighbour caption 2." not in text
     assert "Own." not in text
-    assert "Neighbour caption" not in prompt_text(fuser_prompt(CANDS, nl, FusionConfig(kind="lm")))
-    filtered = fuser_prompt(CANDS, None, FusionConfig(kind="lm", candidates=["qwen", "llava"]))
+    assert "Neighbour caption" not in prompt_text(fuser_prompt(CANDS, nl, FuserConfig(kind="lm")))
+    filtered = fuser_prompt(CANDS, None, FuserConfig(kind="lm", candidates=["qwen", "llava"]))
     assert order(filtered) == ["llava", "qwen"]
 
 
@@ -210,10 +210,10 @@ def test_lora_fuser_predicts_and_rejects_lm_head(tiny_llama, tmp_path):
 
 
 def test_missing_fuser_folder_fails_clearly(tmp_path):
-    from medcap.problems import ModelNotFoundError
+    from medcap.models.hub import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="medcap_fuser.json"):
-        LMFuser(FusionConfig(kind="lm"), tmp_path)
+        LMFuser(FuserConfig(kind="lm"), tmp_path)
 
 
 @pytest.mark.slow

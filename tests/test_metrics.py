@@ -9,7 +9,7 @@ import pytest
 from medcap.config import EvalConfig
 from medcap.eval.imageclef import preprocess
 from medcap.eval.metrics import bertscore, evaluate, resolve_bertscore_model, rouge1
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ import pytest
 
 from medcap.config import GeneratorConfig
 from medcap.generators import get_generator
+from medcap.models.similarity import pick_consensus, rouge1_matrix
 from medcap.records import Neighbour, NeighbourList
-from medcap.similarity import pick_consensus, rouge1_matrix
 
 
 def nl(qid, captions):

@@ -259,7 +259,7 @@ def tiny_llava(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_parity_with_hf_engine(tiny_llava):
     from medcap.engines.hf import HFEngine
-    from medcap.generators.families import get_family
+    from medcap.models.families import get_family
 
     model_dir, adapter = tiny_llava
     hf = HFEngine(get_family("llava"), str(model_dir), EngineConfig(batch_size=4))

@@ -11,8 +11,8 @@ import pytest
 
 from medcap.config import DataConfig
 from medcap.data import check_dataset, list_splits, load_split
-from medcap.phantom import CUIS, ORGAN, Case, render, write_phantom
-from medcap.problems import InputError
+from medcap.data.phantom import CUIS, ORGAN, Case, render, write_phantom
+from medcap.data.problems import InputError
 
 N = 60
 

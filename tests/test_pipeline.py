@@ -17,7 +17,7 @@ def make_config(tmp_path, data_dir, encoder, **data):
         "data": {"root": str(data_dir), "query_splits": ["valid", "test"], **data},
         "retrieval": {"encoder": {"name": encoder, "batch_size": 8}, "k": 4},
         "eval": {"metrics": ["rouge1"]},
-        "submit": {"year": 2026, "variant": "consensus"},
+        "submit": {"year": 2026, "caption_set": "consensus"},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -77,7 +77,7 @@ def test_submission_is_valid_for_the_year_and_validate_catches_edits(tmp_path, p
     assert invoke("run", config).exit_code == 0
     run = tmp_path / "runs" / "e2e"
     out = tmp_path / "sub2024.csv"
-    res = invoke("submit", run, "--variant", "nearest", "--year", "2024", "-o", out)
+    res = invoke("submit", run, "--caption-set", "nearest", "--year", "2024", "-o", out)
     assert res.exit_code == 0, res.output
     testset = phantom_dir / "test_captions.csv"
     assert invoke("validate", out, "--testset", testset, "--year", "2024").exit_code == 0

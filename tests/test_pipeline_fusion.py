@@ -36,7 +36,7 @@ def make_config(tmp_path, phantom_dir, tiny_clip):
             },
         ],
         "eval": {"metrics": ["rouge1"], "bootstrap": 0},
-        "submit": {"variant": "lmf"},
+        "submit": {"caption_set": "lmf"},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -47,8 +47,9 @@ def test_leaking_fuser_is_refused_and_cross_fitting_fixes_it(tmp_path, phantom_d
     config = make_config(tmp_path, phantom_dir, tiny_clip)
     leak = CliRunner().invoke(main, ["run", str(config)], catch_exceptions=False)
     assert leak.exit_code == 2, leak.output
-    assert "generator 'sft' was trained on" in leak.output and "fuser 'lmf'" in leak.output
+    assert "generator 'sft' trains on 'train'" in leak.output and "fuser 'lmf'" in leak.output
     assert "--folds" in leak.output
+    assert not (tmp_path / "runs" / "fusion" / "models").exists()  # refused before anything was trained
 
     folds = CliRunner().invoke(
         main, ["train", "generator", "sft", "-c", str(config), "--folds", "2"], catch_exceptions=False
@@ -57,14 +58,14 @@ def test_leaking_fuser_is_refused_and_cross_fitting_fixes_it(tmp_path, phantom_d
     run = tmp_path / "runs" / "fusion"
     oof = read_jsonl(run / "candidates" / "sft" / "train.jsonl")
     assert {r["fold"] for r in oof} == {0, 1}
-    assert (run / "models" / "sft" / "fold-0" / "adapter" / "adapter_config.json").exists()
+    assert (run / "models" / "sft.folds" / "fold-0" / "adapter" / "adapter_config.json").exists()
 
     fold = ["--set", "generators.sft.folds=2"]
     trained = CliRunner().invoke(main, ["train", "fuser", "lmf", "-c", str(config), *fold], catch_exceptions=False)
     assert trained.exit_code == 0 and "models/lmf" in trained.output, trained.output
     ok = CliRunner().invoke(main, ["run", str(config), *fold], catch_exceptions=False)
     assert ok.exit_code == 0, ok.output
-    assert "cached train     " in ok.output and "models/lmf" in ok.output  # the fuser trained above is reused
+    assert "cached train-fuser  " in ok.output and "models/lmf" in ok.output  # the fuser trained above is reused
     valid = {r["id"] for r in read_jsonl(run / "neighbours" / "valid.jsonl")}
     for out in ("synthesis/synth", "fused/mbr", "fused/lmf"):
         rows = read_jsonl(run / out / "valid.jsonl")
@@ -77,7 +78,7 @@ def test_leaking_fuser_is_refused_and_cross_fitting_fixes_it(tmp_path, phantom_d
 
 def test_single_stage_commands_synthesize_and_fuse(tmp_path, phantom_dir, tiny_clip):
     config = make_config(tmp_path, phantom_dir, tiny_clip)
-    no_lmf = ["--set", "fusers=[{name: mbr, kind: mbr}]", "--set", "submit.variant=mbr"]
+    no_lmf = ["--set", "fusers=[{name: mbr, kind: mbr}]", "--set", "submit.caption_set=mbr"]
     first = CliRunner().invoke(
         main,
         [

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from medcap.cli import main
 from medcap.config import DataConfig
 from medcap.data import load_split
-from medcap.lms import build_scratch_lm
+from medcap.models.lms import build_scratch_lm
 from medcap.runs import read_jsonl
 
 

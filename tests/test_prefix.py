@@ -156,8 +156,9 @@ def test_resume_reproduces_uninterrupted_run(lm_dir, tmp_path):
     cfg = gen_cfg(lm_dir, max_steps=4)
     whole = train_prefix(cfg, ids, x, caps, [], None, [], tmp_path / "whole")
     part = train_prefix(cfg, ids, x, caps, [], None, [], tmp_path / "part", stop_after=1)
-    assert not part.exists() and (tmp_path / "part" / "checkpoint.pt").exists()
-    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["step"] == 1
+    state = tmp_path / "part" / "checkpoints" / "step-0000001" / "state.pt"
+    assert not part.exists() and state.exists()
+    assert torch.load(state, weights_only=False)["state"]["step"] == 1
     part = train_prefix(cfg, ids, x, caps, [], None, [], tmp_path / "part")
     a, b = load_file(whole / "mapper.safetensors"), load_file(part / "mapper.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -174,7 +175,7 @@ def test_train_with_validation_and_generate(lm_dir, tmp_path):
     out = train_prefix(cfg, ids, x, caps, ids[:3], x[:3], caps[:3], tmp_path / "run")
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4]
-    assert all(0.0 <= h["valid_rouge1"] <= 1.0 and h["valid_loss"] > 0 for h in history)
+    assert all(0.0 <= h["val_rouge1"] <= 1.0 and h["val_loss"] > 0 for h in history)
     assert (out / "config.json").is_file() and not (tmp_path / "run" / "best").exists()
     candidates = PrefixGenerator(cfg, out)(ids[:3], x[:3])
     assert [c.id for c in candidates] == ids[:3]

@@ -1,4 +1,4 @@
-"""The production profile ``configs/imageclef2024.yaml`` at tiny scale.
+"""The production profile ``imageclef2024`` profile at tiny scale.
 
 Every model id is swapped for a tiny random model of the same architecture, every engine for
 ``hf``, the data for the session's phantom set; then ``medcap run`` goes end to end through the
@@ -19,7 +19,7 @@ from medcap.config import RunConfig, load_config
 from medcap.generators import MLLM_KINDS
 from medcap.runs import read_jsonl
 
-PROFILE = Path(__file__).resolve().parents[1] / "configs" / "imageclef2024.yaml"
+PROFILE = Path(__file__).resolve().parents[1] / "medcap" / "profiles" / "imageclef2024.yaml"
 TRAIN = {"max_steps": 1, "batch_size": 2, "grad_accum": 1, "eval_every": 1, "save_every": 1, "eval_samples": 1}
 
 
@@ -133,7 +133,7 @@ def test_profile_runs_end_to_end_at_tiny_scale(overrides, tmp_path, phantom_dir)
     assert '"rouge1"' in scores and '"bertscore"' in scores
 
     out = tmp_path / "submission.csv"
-    sub = CliRunner().invoke(main, ["submit", str(run), "--variant", "lmf", "--year", "2024", "-o", str(out)])
+    sub = CliRunner().invoke(main, ["submit", str(run), "--caption-set", "lmf", "--year", "2024", "-o", str(out)])
     assert sub.exit_code == 0, sub.output
     testset = phantom_dir / "test_captions.csv"
     ok = CliRunner().invoke(main, ["validate", str(out), "--testset", str(testset), "--year", "2024"])

@@ -52,12 +52,12 @@ def test_rows_round_trip_requests(tmp_path):
 def test_ray_engine_needs_known_keys():
     cfg = GeneratorConfig("g", "llava", engine=EngineConfig(extra={"ray": {"workers": 2}}))
     with pytest.raises(ValueError, match="unknown key"):
-        make_ray_engine(cfg)
+        make_ray_engine(cfg.model, cfg.engine, family=cfg.kind)
 
 
 def test_ray_completions_equal_direct_hf_in_order(tmp_path, tmp_path_factory, ray_cluster):
     from medcap.engines.hf import HFEngine
-    from medcap.generators.families import get_family
+    from medcap.models.families import get_family
 
     model = str(cached_tiny_vlm(tmp_path_factory.getbasetemp(), "llava"))
     requests = make_requests(tmp_path)
@@ -68,7 +68,7 @@ def test_ray_completions_equal_direct_hf_in_order(tmp_path, tmp_path_factory, ra
         "llava-ray", "llava", model=model, engine=EngineConfig(batch_size=2, device="cpu", extra={"ray": {}})
     )
     cfg.engine.extra["ray"] = {"num_workers": 2, "batch_size": 2, "num_cpus_per_worker": 1}
-    engine = make_ray_engine(cfg)
+    engine = make_ray_engine(cfg.model, cfg.engine, family=cfg.kind)
     assert isinstance(engine.engine_factory, functools.partial)
     got = engine.generate(requests)
 

@@ -11,9 +11,10 @@ from tiny_vlms import make_tiny_vlm
 
 from medcap.config import DataConfig, GenerationConfig, GeneratorConfig, LoraConfig, TrainConfig
 from medcap.data import load_split
-from medcap.generators.families import Family, get_family
 from medcap.generators.sft_data import IGNORE, PromptDriftError, SFTCollator
-from medcap.generators.train import _load, _step, check_adapter_config, train_generator, verify_adapter
+from medcap.generators.train import _load, check_adapter_config, forward_losses, train_generator, verify_adapter
+from medcap.models.families import Family, get_family
+from medcap.models.training import label_tokens, train_step
 from medcap.records import Neighbour, NeighbourList
 
 FAMILIES = ["llava", "qwen2_5_vl", "medgemma", "smolvlm"]
@@ -143,7 +144,9 @@ def test_two_steps_change_only_lora_weights(tiny_dirs, splits):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     window = [collator(pairs_of(train[2 * s :], 2)) for s in range(2)]  # two accumulated micro-batches
-    losses = [_step(model, opt, sched, window, "cpu", False, 0.0) for _ in range(2)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = lambda b: forward_losses(model, b, "cpu", False, 0.0).sum()  # noqa: E731
+    losses = [train_step(window, loss, lambda b: label_tokens(b["labels"]), params, opt, sched) for _ in range(2)]
     assert all(math.isfinite(x) and x > 0 for x in losses)
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -180,7 +183,7 @@ def test_train_resume_matches_uninterrupted_run_and_adapter_serves(tiny_dirs, sp
 
     with pytest.raises(Crash):
         train_generator(cfg, train_pairs, valid_pairs, tmp_path / "resumed", on_step=crash_at_2)
-    assert (tmp_path / "resumed/checkpoints/step-2/state.json").is_file()
+    assert (tmp_path / "resumed/checkpoints/step-0000002/state.pt").is_file()
     assert not (tmp_path / "resumed/adapter").exists()
     resumed = train_generator(cfg, train_pairs, valid_pairs, tmp_path / "resumed")
 
@@ -188,12 +191,15 @@ def test_train_resume_matches_uninterrupted_run_and_adapter_serves(tiny_dirs, sp
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
+    def checkpoint(folder):
+        return torch.load(folder / "state.pt", weights_only=False)["trainable"]
+
     a, b = (
-        weights(tmp_path / "whole/checkpoints/step-4/adapter"),
-        weights(tmp_path / "resumed/checkpoints/step-4/adapter"),
+        checkpoint(tmp_path / "whole/checkpoints/step-0000004"),
+        checkpoint(tmp_path / "resumed/checkpoints/step-0000004"),
     )
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
-    first = weights(tmp_path / "whole/checkpoints/step-2/adapter")
+    first = checkpoint(tmp_path / "whole/checkpoints/step-0000002")
     assert any(not torch.equal(first[k], a[k]) for k in a)  # steps 3-4 did train
 
     # a standard PEFT adapter with LoRA weights only, and a report beside it

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from medcap.data.problems import InputError
 from medcap.eval.imageclef import known_years, submission_format
 from medcap.eval.submission import clean_caption, read_test_ids, validate_submission, write_submission
-from medcap.problems import InputError
 
 IDS = [f"ImageCLEFmedical_Caption_2026_test_{i:06d}" for i in range(1, 5)]
 CAPTIONS = {

@@ -6,7 +6,7 @@ import pytest
 
 from medcap.eval import text_metrics as tm
 from medcap.eval.imageclef import preprocess
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError
 
 GTS = {"a": ["The cat is on the mat."], "b": ["A chest X-ray, 2 views"]}
 RES = {"a": ["the cat sat on the mat"], "b": ["Chest x ray"]}

@@ -30,8 +30,8 @@ from medcap.engines.vllm import (
     plan,
     sampling_kwargs,
 )
-from medcap.generators.families import get_family
-from medcap.problems import ModelNotFoundError
+from medcap.models.families import get_family
+from medcap.models.hub import ModelNotFoundError
 
 
 def _req(rid: str, n_images: int = 0, adapter: str | None = None, **params: Any) -> Request:

@@ -307,7 +307,7 @@ def make_tiny_lora(family: str, model_dir: Path, out_dir: Path, seed: int = 1, s
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from medcap.generators.families import get_family
+    from medcap.models.families import get_family
 
     fam = get_family(family)
     model, _ = fam.load(str(model_dir))

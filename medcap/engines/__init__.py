@@ -1,5 +1,54 @@
-"""Inference engines behind one interface (see ``base.py``): hf (transformers), vllm, openai (HTTP)."""
+"""Inference engines behind one interface (``base.py``) and one factory: hf (transformers), vllm, openai (HTTP).
+
+Generators, synthesizers and fusers all get their engine from :func:`make_engine`, so a model name
+means the same thing to every stage: a multimodal family's model when ``family`` is given, else a
+text-only causal LM (packaged names such as ``smollm2`` resolve to their local copy). An engine
+config whose ``extra`` holds ``ray`` runs the same engine in Ray Data workers (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from medcap.engines.base import Completion, Engine, Request
 
-__all__ = ["Completion", "Engine", "Request"]
+if TYPE_CHECKING:
+    from medcap.config import EngineConfig
+
+__all__ = ["ENGINE_KINDS", "Completion", "Engine", "Request", "make_engine"]
+
+ENGINE_KINDS = ("hf", "vllm", "openai")
+
+
+def make_engine(
+    model: str | None,
+    cfg: EngineConfig,
+    *,
+    family: str | None = None,
+    max_pixels: int | None = None,
+    owner: str = "engine",
+) -> Engine:
+    """The engine ``cfg.kind`` names, serving ``model`` (default: the family's); ``owner`` names the config in errors."""
+    from medcap.models.families import get_family
+
+    if "ray" in cfg.extra:
+        from medcap.engines.ray import make_ray_engine
+
+        return make_ray_engine(model, cfg, family=family, max_pixels=max_pixels, owner=owner)
+    fam = get_family(family) if family else None
+    if fam is None and not model:
+        raise ValueError(f"{owner}: a text-only engine needs a model name or path")
+    if cfg.kind == "hf":
+        from medcap.engines.hf import HFEngine
+
+        return HFEngine(fam, model, cfg, max_pixels=max_pixels)
+    if cfg.kind == "vllm":
+        from medcap.engines.vllm import VLLMEngine
+        from medcap.models.lms import resolve_lm_path
+
+        return VLLMEngine(fam, model if fam else resolve_lm_path(model), cfg, max_pixels=max_pixels)
+    if cfg.kind == "openai":
+        from medcap.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(model or fam.default_model, cfg)
+    raise ValueError(f"{owner}: unknown engine kind {cfg.kind!r}; use {' | '.join(ENGINE_KINDS)}")

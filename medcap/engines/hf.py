@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from medcap.config import EngineConfig, GenerationConfig
 from medcap.engines.base import Completion, Request
-from medcap.generators.families import Family, render_chat
-from medcap.problems import ModelNotFoundError
+from medcap.models.chat import add_special_tokens, eos_ids, render_chat, text_only
+from medcap.models.families import Family
+from medcap.models.hub import ModelNotFoundError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -53,17 +54,6 @@ def as_image(image: Any) -> Image.Image:
         return im.convert("RGB")
 
 
-def text_only(messages: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
-    """Content parts joined into one string per message, as text-only chat templates expect."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if not isinstance(content, str):
-            content = "\n".join(p["text"] for p in content if p.get("type") == "text")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
 class HFEngine:
     """Transformers inference for a multimodal family, or for a text-only causal LM when ``family`` is None."""
 
@@ -78,7 +68,7 @@ class HFEngine:
         else:
             if model is None:
                 raise ValueError("a text-only HFEngine needs a model name or path")
-            from medcap.lms import load_causal_lm
+            from medcap.models.lms import load_causal_lm
 
             self.model, self.tokenizer = load_causal_lm(model, dtype=cfg.dtype, device=cfg.device)
             self.tokenizer.padding_side = "left"
@@ -126,13 +116,11 @@ class HFEngine:
         if self.family is not None:
             images = [[as_image(i) for i in r.images] for r in batch]
             return self.family.encode(self.processor, texts, images)
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and all(t.startswith(bos) for t in texts))
-        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+        special = add_special_tokens(texts, self.tokenizer.bos_token)
+        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
 
     def _eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        ids = set(eos_ids(self.model))
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from medcap.config import EngineConfig, GenerationConfig
 from medcap.engines.base import Completion, Request
-from medcap.problems import ModelNotFoundError
+from medcap.models.chat import add_special_tokens
+from medcap.models.hub import ModelNotFoundError
 
 if TYPE_CHECKING:
-    from medcap.generators.families import Family
+    from medcap.models.families import Family
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,6 @@ def plan(requests: Sequence[Request]) -> list[tuple[tuple[tuple[str, Any], ...] 
     return list(groups.items())
 
 
-def add_special_tokens(prompt: str, bos: str | None) -> bool:
-    """Whether tokenising ``prompt`` should add special tokens: not when the template already put the BOS."""
-    return not (bos and prompt.startswith(bos))
-
-
 def check_images(requests: Sequence[Request], limit: int) -> None:
     """Fail before any work when a request holds more images than the engine was built for."""
     for r in requests:
@@ -151,7 +147,7 @@ class VLLMEngine:
     ):
         import transformers
 
-        from medcap.generators.families import resolve_model
+        from medcap.models.families import resolve_model
 
         vllm = import_vllm()
         name = model or (family.default_model if family is not None else None)
@@ -175,8 +171,8 @@ class VLLMEngine:
 
     def prompt(self, request: Request) -> dict[str, Any]:
         """A token prompt (the chat template's text, tokenised with the hf engine's BOS rule) and its images."""
-        from medcap.engines.hf import as_image, text_only
-        from medcap.generators.families import render_chat
+        from medcap.engines.hf import as_image
+        from medcap.models.chat import render_chat, text_only
 
         if self.family is not None:
             text = self.family.render(self.processor, list(request.messages), add_generation_prompt=True)

@@ -43,7 +43,7 @@ class VariantScores:
 
         frame = pd.DataFrame.from_dict(scores.get("per_image", {}), orient="index", dtype=float)
         frame.index = frame.index.astype(str)
-        return cls(name or scores["variant"], frame)
+        return cls(name or scores.get("caption_set") or scores["variant"], frame)
 
 
 def ablation_table(

@@ -20,7 +20,7 @@ from typing import Any
 
 from medcap.config import EvalConfig
 from medcap.eval.imageclef import preprocess
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def write_report(
     shown = view.ids if max_images is None else view.ids[:max_images]
     if len(shown) > 2000:
         log.warning("report: %d images make a large page; pass max_images to show fewer", len(shown))
-    per_image = {s["variant"]: s.get("per_image", {}) for s in view.scores if s.get("split") == view.split}
+    per_image = {s["caption_set"]: s.get("per_image", {}) for s in view.scores if s.get("split") == view.split}
     sources = [(cs, _scores_for(cs, per_image)) for cs in view.caption_sets]
     metrics = list(dict.fromkeys(m for _, sc in sources for row in sc.values() for m in row))
     sort_keys = [
@@ -205,7 +205,7 @@ def _all_scores(run: RunDir) -> list[dict[str, Any]]:
             continue
         try:
             s = read_json(path)
-            s.setdefault("variant", path.name.split(".")[0])
+            s.setdefault("caption_set", s.get("variant", path.name.split(".")[0]))
             s.setdefault("split", path.name.split(".")[-2] if path.name.count(".") >= 2 else "")
             scores.append(s)
         except (json.JSONDecodeError, OSError) as e:
@@ -271,7 +271,7 @@ def _card(view: RunView, image_id: str, sources, metrics: list[str], sort_keys) 
 
 def _corpus(scores: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     metrics = list(dict.fromkeys(m for s in scores for m in s.get("metrics", {})))
-    rows = sorted(scores, key=lambda s: (s.get("split", ""), s.get("variant", "")))
+    rows = sorted(scores, key=lambda s: (s.get("split", ""), s.get("caption_set", "")))
     out = []
     for s in rows:
         vals = s.get("metrics", {})
@@ -282,7 +282,7 @@ def _corpus(scores: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any
             best[m] = top is not None and _num(vals.get(m)) and vals[m] == top and len(same) > 1
         out.append(
             {
-                "variant": s["variant"],
+                "variant": s["caption_set"],
                 "split": s["split"],
                 "n": s.get("n", ""),
                 "metrics": {m: _fmt(vals.get(m)) for m in metrics},

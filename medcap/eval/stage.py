@@ -1,83 +1,164 @@
-"""The evaluate and submit stages: suites with intervals and per-image Parquet; validated submission files."""
+"""The evaluate and submit stages: suites with intervals and per-image Parquet; validated submission files.
+
+Scores are artifacts like any other: ``scores/NAME.SPLIT.json`` is keyed on the scored caption set's
+key, the eval settings and the split's references, so a caption set that is missing or changed is
+never reported with an old score (:func:`current_scores` reads only fresh ones).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from medcap.config import config_hash
-from medcap.runs import Manifest, write_json
+from medcap.config import key_settings
+from medcap.pipeline import Stage
+from medcap.runs import Manifest, is_fresh, read_json, write_json
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-
-def evaluate(pipe: Pipeline, name: str, split: str) -> Path | None:
-    """Score a caption set with the eval suite: corpus means, 95% intervals, per-image Parquet."""
-    from medcap.eval.suites import run_suite, save_per_image
-
-    examples = {ex.id: ex for ex in pipe.split(split).examples}
-    refs = {i: ex.caption for i, ex in examples.items()}
-    if any(c is None for c in refs.values()):
-        log.info("evaluate: split %s has no reference captions; not scored", split)
-        return None
-    out = pipe.run.scores(name, split)
-    e = pipe.cfg.eval
-    key = config_hash("evaluate", e, pipe.output_key(name, split), pipe.data_key(split))
-    if pipe.cached(out, key):
-        pipe.record("evaluate", out, False)
-        return out
-    settings = (
-        "metrics",
-        "bootstrap",
-        "bertscore_measure",
-        "clip_encoder",
-        "bleurt_checkpoint",
-        "clinicalbleurt_checkpoint",
-        "medbertscore_model",
-        "medbertscore_num_layers",
-    )
-    overrides = {k: getattr(e, k) for k in settings} | {"seed": pipe.cfg.seed}
-    result = run_suite(e.suite, refs, pipe.captions(name, split), examples=examples, eval_cfg=e, overrides=overrides)
-    save_per_image(result, out.with_suffix(".parquet"))
-    per_image = {i: {m: float(v) for m, v in row.items()} for i, row in result.per_image.iterrows()}
-    write_json(
-        out,
-        {
-            "variant": name,
-            "split": split,
-            "suite": e.suite,
-            "n": result.n,
-            "metrics": result.metrics,
-            "ci": {m: list(v) for m, v in result.ci.items()},
-            "skipped": result.skipped,
-            "per_image": per_image,
-        },
-    )
-    Manifest("evaluate", key, complete=True, count=result.n).write(out)
-    pipe.record("evaluate", out, True)
-    return out
+SUITE_SETTINGS = (
+    "metrics",
+    "bootstrap",
+    "bertscore_measure",
+    "clip_encoder",
+    "bleurt_checkpoint",
+    "clinicalbleurt_checkpoint",
+    "medbertscore_model",
+    "medbertscore_num_layers",
+)
 
 
-def submit(pipe: Pipeline, generator: str, split: str, year: int | None = None, out: Path | None = None) -> Path:
+def has_references(pipe: Pipeline, split: str) -> bool:
+    return all(ex.caption is not None for ex in pipe.split(split).examples)
+
+
+def produced(pipe: Pipeline, name: str, split: str) -> bool:
+    """False for a caption set that never captions ``split`` (an LM-Fuser's training split)."""
+    from medcap.fuser import fuser_kind
+
+    cs = pipe.caption_set(name)
+    return cs.stage != "fuse" or fuser_kind(cs.cfg.kind).covers(cs.cfg, split)
+
+
+class Evaluate(Stage):
+    name = "evaluate"
+    command = "medcap evaluate RUN"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [
+            (name, split)
+            for split in pipe.cfg.data.query_splits
+            if has_references(pipe, split)
+            for name in pipe.caption_sets
+            if produced(pipe, name, split)
+        ]
+
+    def path(self, pipe: Pipeline, name: str, split: str) -> Path:
+        return pipe.run.scores(name, split)
+
+    def needs(self, pipe: Pipeline, name: str, split: str) -> list[tuple]:
+        return [pipe.caption_need(name, split)]
+
+    def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
+        return key_settings(pipe.cfg.eval), pipe.cfg.seed, pipe.data_key(split)
+
+    def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
+        from medcap.eval.suites import run_suite, save_per_image
+
+        e = pipe.cfg.eval
+        examples = {ex.id: ex for ex in pipe.split(split).examples}
+        refs = {i: ex.caption for i, ex in examples.items()}
+        if any(c is None for c in refs.values()):
+            raise ValueError(f"split {split!r} has no reference captions to score")
+        overrides = {k: getattr(e, k) for k in SUITE_SETTINGS} | {"seed": pipe.cfg.seed}
+        result = run_suite(
+            e.suite, refs, pipe.captions(name, split), examples=examples, eval_cfg=e, overrides=overrides
+        )
+        save_per_image(result, out.with_suffix(".parquet"))
+        per_image = {i: {m: float(v) for m, v in row.items()} for i, row in result.per_image.iterrows()}
+        write_json(
+            out,
+            {
+                "caption_set": name,
+                "split": split,
+                "suite": e.suite,
+                "n": result.n,
+                "metrics": result.metrics,
+                "ci": {m: list(v) for m, v in result.ci.items()},
+                "skipped": result.skipped,
+                "per_image": per_image,
+            },
+        )
+        Manifest("evaluate", key, complete=True, count=result.n).write(out)
+
+
+def current_scores(pipe: Pipeline, splits: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per caption set and split whose scores are fresh for this config (never a stale file)."""
+    rows = []
+    for split in splits or pipe.cfg.data.query_splits:
+        for name in pipe.caption_sets:
+            out = pipe.run.scores(name, split)
+            if out.is_file() and produced(pipe, name, split) and is_fresh(out, pipe.key("evaluate", name, split)):
+                s = read_json(out)
+                rows.append({"caption_set": name, "split": split, "n": s.get("n"), **s.get("metrics", {})})
+    return rows
+
+
+def evaluate_run(pipe: Pipeline, names: list[str], splits: list[str]) -> list[str]:
+    """Score the caption sets whose captions are fresh; returns why each other one was skipped."""
+    skipped = []
+    for split in splits:
+        if not has_references(pipe, split):
+            skipped.append(f"{split}: no reference captions")
+            continue
+        for name in names:
+            if not produced(pipe, name, split):
+                skipped.append(f"{name}/{split}: {name} does not caption the split it trained on")
+                continue
+            need = pipe.caption_need(name, split)
+            path = pipe.path(*need)
+            if not path.exists():
+                skipped.append(f"{name}/{split}: no captions ({path} is missing)")
+            elif not pipe.fresh(*need):
+                skipped.append(f"{name}/{split}: {path} is unfinished or was made with other settings")
+            else:
+                pipe.make("evaluate", name, split)
+    return skipped
+
+
+class Submit(Stage):
+    name = "submit"
+    command = "medcap submit RUN"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [(pipe.submitted, pipe.submit_split)]
+
+    def path(self, pipe: Pipeline, name: str, split: str) -> Path:
+        return pipe.run.submission(name)
+
+    def needs(self, pipe: Pipeline, name: str, split: str) -> list[tuple]:
+        return [pipe.caption_need(name, split)]
+
+    def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
+        return pipe.cfg.submit.year, split, pipe.data_key(split)
+
+    def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
+        write_checked_submission(pipe, name, split, pipe.cfg.submit.year, out)
+        Manifest("submit", key, complete=True, info={"year": pipe.cfg.submit.year, "split": split}).write(out)
+
+
+def write_checked_submission(pipe: Pipeline, name: str, split: str, year: int, out: Path) -> Path:
+    """Write the submission file of ``name``'s captions for ``split`` and validate it with ``year``'s rules."""
+    from medcap.data.problems import InputError
     from medcap.eval.submission import validate_submission, write_submission
-    from medcap.problems import InputError
 
-    year = year or pipe.cfg.submit.year
-    out = out or pipe.run.submission(generator)
-    key = config_hash("submit", year, split, pipe.output_key(generator, split))
-    if pipe.cached(out, key):
-        pipe.record("submit", out, False)
-        return Path(Manifest.read(out).info.get("upload", out))
     order = [ex.id for ex in pipe.split(split).examples]
-    written = write_submission(pipe.captions(generator, split), out, year, order=order)
+    written = write_submission(pipe.captions(name, split), out, year, order=order)
     problems = validate_submission(written, order, year)
     if problems:
         raise InputError(problems, f"{written}: the submission written fails the {year} rules")
-    info = {"year": year, "split": split, "upload": str(written)}
-    Manifest("submit", key, complete=True, count=len(order), info=info).write(out)
-    pipe.record("submit", out, True)
     return written

@@ -19,8 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from medcap.data.problems import InputError, Problem
 from medcap.eval.imageclef import SubmissionFormat, submission_format
-from medcap.problems import InputError, Problem
 from medcap.runs import write_atomic
 
 log = logging.getLogger(__name__)

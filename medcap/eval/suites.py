@@ -38,7 +38,7 @@ from medcap.config import EncoderConfig, EvalConfig
 from medcap.eval import metrics as base
 from medcap.eval import text_metrics as tm
 from medcap.eval.stats import bootstrap_ci
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError
 from medcap.records import Example
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from medcap.eval.metrics import Refs, _best, _in_hub_cache, _offline, _pairs
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,77 @@
-"""The fusion stage: one final caption per image from the candidates of several generators."""
+"""Fusers: one final caption per image from the caption sets of generators (and synthesizers).
+
+A fuser's ``kind`` names a :class:`FuserKind` in ``KINDS`` (imported when first used): ``mbr``
+(minimum-Bayes-risk selection), ``rerank`` (image-caption similarity), ``lm`` (the LM-Fuser, a small
+LM trained on candidates -> reference). The fuse and train-fuser stages (``fuser/stage.py``) know no kind.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medcap.config import FuserConfig, key_settings
+from medcap.records import Candidate, NeighbourList
+
+if TYPE_CHECKING:
+    from medcap.pipeline import Pipeline
+
+# image ID, {caption set: caption}, neighbours (read when the kind asks for them)
+Item = tuple[str, dict[str, str], NeighbourList | None]
+Fuse = Callable[[list[Item]], list[Candidate]]  # may also have close()
+
+KINDS: dict[str, Any] = {
+    "mbr": "medcap.fuser.mbr:MBR",
+    "rerank": "medcap.fuser.mbr:RERANK",
+    "lm": "medcap.fuser.lm:LM",
+}
+
+
+class FuserKind:
+    """What the stages ask of a fuser kind; the defaults fit a training-free one."""
+
+    uses_neighbours = False  # True: items carry the split's neighbours
+
+    def trains(self, cfg: FuserConfig) -> bool:
+        return False
+
+    def covers(self, cfg: FuserConfig, split: str) -> bool:
+        """False for a split the fuser must not caption (an LM-Fuser's training split)."""
+        return True
+
+    def settings(self, cfg: FuserConfig) -> Any:
+        return key_settings(cfg)
+
+    def train_settings(self, cfg: FuserConfig) -> Any:
+        return None
+
+    def needs(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> list[tuple]:
+        """Artifacts besides the caption sets it reads."""
+        return []
+
+    def wants_neighbours(self, cfg: FuserConfig) -> bool:
+        return self.uses_neighbours
+
+    def train(self, pipe: Pipeline, cfg: FuserConfig, out: Path) -> None:
+        raise ValueError(f"fuser {cfg.name}: kind {cfg.kind!r} has nothing to train")
+
+    def build(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> Fuse:
+        raise NotImplementedError
+
+
+def register(kind: str, impl: FuserKind | str) -> None:
+    """Add a fuser kind: an object, or ``"module:attr"`` naming one."""
+    KINDS[kind] = impl
+
+
+def fuser_kind(kind: str) -> FuserKind:
+    try:
+        impl = KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown fuser kind {kind!r}; known: {sorted(KINDS)}") from None
+    if isinstance(impl, str):
+        module, _, attr = impl.partition(":")
+        impl = KINDS[kind] = getattr(importlib.import_module(module), attr)
+    return impl

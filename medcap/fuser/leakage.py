@@ -1,7 +1,9 @@
 """The leakage guard: a learned fuser must train on candidates for images their generators never saw.
 
 It reads the run's files, not the config's promises: each trained model lists the IDs it learned
-from (``train_ids.json``), and a cross-fitted candidate row names the fold model that wrote it.
+from (``train_ids.json``), and a cross-fitted candidate row names the fold model that wrote it. It
+fails closed: a learned generator whose training IDs cannot be found (an adapter given by path
+without ``train_ids.json``) is refused, not trusted.
 """
 
 from __future__ import annotations
@@ -24,54 +26,63 @@ class LeakageError(ValueError):
 
 def check_fuser_inputs(pipe: Pipeline, fuser: str, split: str) -> None:
     """Raise LeakageError naming the generator and the overlap if ``fuser`` would train on leaked candidates."""
-    problems = []
+    problems, folds_hint = [], []
     ids = {ex.id for ex in pipe.split(split).examples}
-    for generator in _trained_generators(pipe, fuser):
-        overlap = _leaked_ids(pipe, generator, split, ids)
+    for generator in learned_generators(pipe, fuser):
+        try:
+            overlap = _leaked_ids(pipe, generator, split, ids)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+            continue
         if overlap:
             shown = ", ".join(sorted(overlap)[:5]) + (", ..." if len(overlap) > 5 else "")
             problems.append(
                 f"generator {generator!r} was trained on {len(overlap)} of the {len(ids)} {split!r} images whose "
                 f"candidates fuser {fuser!r} would learn from ({shown})"
             )
+            if split == pipe.cfg.data.index_split:
+                folds_hint.append(f"--set generators.{generator}.folds=5")
     if problems:
-        raise LeakageError(
-            "; ".join(problems)
-            + f". Train the fuser on a split the generators did not train on (fusers.{fuser}.train_split), "
-            f"or cross-fit the generators (`medcap train generator NAME -c CONFIG --folds 5`)."
-        )
+        how = f"Train the fuser on a split the generators did not train on (fusers.{fuser}.train_split)"
+        if folds_hint:
+            how += f", or cross-fit the generators: add {' '.join(folds_hint)} to every command (or folds: 5 in CONFIG)"
+        raise LeakageError("; ".join(problems) + f". {how}.")
 
 
-def _trained_generators(pipe: Pipeline, name: str) -> list[str]:
-    """Generators with a trained model whose captions reach ``name``, directly or through a synthesizer."""
+def learned_generators(pipe: Pipeline, name: str) -> list[str]:
+    """Generators with a learned model (trained by the run, or an adapter given by path) that reach ``name``."""
     found: list[str] = []
     for i in pipe.inputs_of(name):
-        cfg = pipe.output_cfg(i)
-        if i in [g.name for g in pipe.cfg.generators]:
-            if needs_training(cfg):
+        cs = pipe.caption_set(i)
+        if cs.stage == "generate":
+            if needs_training(cs.cfg) or getattr(cs.cfg, "adapter", None):
                 found.append(i)
         else:
-            found += _trained_generators(pipe, i)
+            found += learned_generators(pipe, i)
     return list(dict.fromkeys(found))
 
 
 def _leaked_ids(pipe: Pipeline, generator: str, split: str, ids: set[str]) -> set[str]:
-    model = pipe.run.model(generator)
+    cfg = pipe.generator_cfg(generator)
+    whole = Path(cfg.adapter) if cfg.adapter else pipe.run.model(generator)
     seen: dict[Path, frozenset[str]] = {}
     leaked = set()
-    for row in read_jsonl(pipe.run.candidates(generator, split)):
+    for row in read_jsonl(pipe.path("generate", generator, split)):
         if row["id"] not in ids:
             continue
-        folder = model / f"fold-{row['fold']}" if "fold" in row else model
+        folder = pipe.run.fold_model(generator, row["fold"]) if "fold" in row else whole
         if folder not in seen:
-            seen[folder] = _train_ids(folder)
+            seen[folder] = _train_ids(folder, generator)
         if row["id"] in seen[folder]:
             leaked.add(row["id"])
     return leaked
 
 
-def _train_ids(folder: Path) -> frozenset[str]:
-    path = folder / TRAIN_IDS
-    if not path.exists():  # a model given by path (generators.NAME.adapter): we cannot tell, so trust it
-        return frozenset()
-    return frozenset(json.loads(path.read_text()))
+def _train_ids(folder: Path, generator: str) -> frozenset[str]:
+    for path in (folder / TRAIN_IDS, folder.parent / TRAIN_IDS):
+        if path.is_file():
+            return frozenset(json.loads(path.read_text()))
+    raise FileNotFoundError(
+        f"generator {generator!r}: {folder} lists no training IDs ({TRAIN_IDS}), so the guard cannot tell whether "
+        f"a fuser would learn from its own training images; write the IDs it learned from to {folder / TRAIN_IDS}"
+    )

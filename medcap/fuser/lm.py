@@ -14,14 +14,18 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from medcap.config import FusionConfig
+from medcap.config import FuserConfig, key_settings
 from medcap.engines.base import Engine, Request
+from medcap.fuser import Fuse, FuserKind
 from medcap.generators.clean import clean_caption
 from medcap.generators.prompts import one_line
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError, model_identity
 from medcap.records import Candidate, NeighbourList
+
+if TYPE_CHECKING:
+    from medcap.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ def _text(text: str) -> dict[str, str]:
 def fuser_prompt(
     candidates: dict[str, str],
     neighbours: NeighbourList | None,
-    cfg: FusionConfig,
+    cfg: FuserConfig,
     *,
     rng: random.Random | None = None,
 ) -> list[dict[str, Any]]:
@@ -83,7 +87,7 @@ class LMFuser:
     base model with ``enable_lora``); requests carry the adapter path when the fuser is a LoRA.
     """
 
-    def __init__(self, cfg: FusionConfig, model_dir: Path, *, engine: Engine | None = None) -> None:
+    def __init__(self, cfg: FuserConfig, model_dir: Path, *, engine: Engine | None = None) -> None:
         self.cfg = cfg
         model_dir = Path(model_dir)
         # A training folder (``train_fuser``'s out_dir) stands for its ``final`` model.
@@ -92,9 +96,9 @@ class LMFuser:
         self.adapter = str(self.model_dir) if self.meta.get("adapter") else None
         self.model_name = self.meta["base_model"] if self.adapter else str(self.model_dir)
         if engine is None:
-            from medcap.engines.hf import HFTextEngine
+            from medcap.engines import make_engine
 
-            engine = HFTextEngine(self.model_name, cfg.engine)
+            engine = make_engine(self.model_name, cfg.engine, owner=f"fusers.{cfg.name}")
         self.engine = engine
 
     def request(self, image_id: str, candidates: dict[str, str], neighbours: NeighbourList | None) -> Request:
@@ -116,3 +120,52 @@ class LMFuser:
     def close(self) -> None:
         """Free the engine."""
         self.engine.close()
+
+
+class LMKind(FuserKind):
+    """The LM-Fuser: trained (train-fuser stage) on its train split's caption sets, never captioning that split."""
+
+    def trains(self, cfg: FuserConfig) -> bool:
+        return True
+
+    def covers(self, cfg: FuserConfig, split: str) -> bool:
+        return split != cfg.train_split
+
+    def wants_neighbours(self, cfg: FuserConfig) -> bool:
+        return cfg.use_neighbours
+
+    def settings(self, cfg: FuserConfig) -> Any:
+        return key_settings(cfg), model_identity(cfg.model)
+
+    def train_settings(self, cfg: FuserConfig) -> Any:
+        shaping = (cfg.use_neighbours, cfg.k, cfg.candidates, cfg.train_split)
+        return shaping, key_settings(cfg.lora), key_settings(cfg.train), model_identity(cfg.model)
+
+    def needs(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> list[tuple]:
+        return [("train-fuser", cfg.name)] + ([("retrieve", split)] if cfg.use_neighbours else [])
+
+    def train(self, pipe: Pipeline, cfg: FuserConfig, out: Path) -> None:
+        from medcap.fuser.leakage import check_fuser_inputs
+        from medcap.fuser.lm_train import train_fuser
+        from medcap.generators.stage import holdout
+
+        split = cfg.train_split
+        examples = pipe.split(split).examples
+        if any(ex.caption is None for ex in examples):
+            raise ValueError(f"fuser {cfg.name}: train_split {split!r} has no reference captions")
+        inputs = pipe.inputs_of(cfg.name)
+        candidates = {i: pipe.captions(i, split) for i in inputs}
+        check_fuser_inputs(pipe, cfg.name, split)
+        neighbours = pipe.neighbour_lists(split) if cfg.use_neighbours else {}
+        train_items, valid_items = holdout([(ex, neighbours.get(ex.id)) for ex in examples], pipe.cfg.seed)
+
+        def rows(items):
+            return [({i: candidates[i][ex.id] for i in inputs}, nb, ex.caption) for ex, nb in items]
+
+        train_fuser(cfg, rows(train_items), rows(valid_items), out)
+
+    def build(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> Fuse:
+        return LMFuser(cfg, pipe.run.model(cfg.name))
+
+
+LM = LMKind()

@@ -7,18 +7,22 @@ fused caption is always a caption some generator wrote.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medcap.config import FusionConfig
+from medcap.config import FuserConfig
+from medcap.fuser import Fuse, FuserKind
+from medcap.models.similarity import expected_utility, get_similarity
 from medcap.records import Candidate
-from medcap.similarity import expected_utility, get_similarity
 
-Item = tuple[str, dict[str, str]]  # image ID, {generator: caption}
+if TYPE_CHECKING:
+    from medcap.pipeline import Pipeline
+
+Item = tuple[str, dict[str, str]]  # image ID, {caption set: caption}
 
 
-def mbr_fuse(cfg: FusionConfig, items: Sequence[Item]) -> list[Candidate]:
+def mbr_fuse(cfg: FuserConfig, items: Sequence[Item]) -> list[Candidate]:
     """Per image, the candidate with the highest expected utility (mean similarity) against the others."""
     similarity = get_similarity(cfg.utility)
     out = []
@@ -35,7 +39,7 @@ def mbr_fuse(cfg: FusionConfig, items: Sequence[Item]) -> list[Candidate]:
 
 
 def rerank_fuse(
-    cfg: FusionConfig, items: Sequence[Item], image_vectors: dict[str, np.ndarray], encoder: Any
+    cfg: FuserConfig, items: Sequence[Item], image_vectors: dict[str, np.ndarray], encoder: Any
 ) -> list[Candidate]:
     """Per image, the candidate whose text embedding is closest to the image embedding (CLIP similarity).
 
@@ -61,3 +65,28 @@ def _unpack(image_id: str, candidates: dict[str, str]) -> tuple[list[str], list[
         raise ValueError(f"image {image_id}: no candidates to fuse")
     names = list(candidates)
     return names, [candidates[n] for n in names]
+
+
+class MBRKind(FuserKind):
+    def build(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> Fuse:
+        return lambda items: mbr_fuse(cfg, [(i, c) for i, c, _ in items])
+
+
+class RerankKind(FuserKind):
+    """Reranking by the retrieval encoder's image-caption similarity (needs the split's embeddings)."""
+
+    def needs(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> list[tuple]:
+        return [("embed", split)]
+
+    def build(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> Fuse:
+        from medcap.retrieval.embed import load_embeddings
+        from medcap.retrieval.stages import encoder_of
+
+        ids, vectors = load_embeddings(pipe.path("embed", split))
+        images = dict(zip(ids, vectors, strict=True))
+        encoder = encoder_of(pipe)
+        return lambda items: rerank_fuse(cfg, [(i, c) for i, c, _ in items], images, encoder)
+
+
+MBR = MBRKind()
+RERANK = RerankKind()

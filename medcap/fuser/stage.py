@@ -1,11 +1,20 @@
-"""The fuse stage: training-free fusion (MBR, reranking) and the learned LM-Fuser, with the leakage guard."""
+"""The train-fuser and fuse stages: learned fusers trained behind the leakage guard; every fuser's captions.
+
+``train-fuser`` trains a fuser that learns (the LM-Fuser) on its train split's caption sets into
+``models/NAME``, after the leakage guard allows it; a folder made with other settings is removed
+first, never resumed. ``fuse`` writes ``fused/NAME/SPLIT.jsonl`` a batch at a time (a rerun resumes);
+a fuser never captions the split it trained on.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from medcap.fuser import fuser_kind
+from medcap.pipeline import Stage
 from medcap.runs import Manifest, ResumableJsonl, batched
 
 if TYPE_CHECKING:
@@ -13,105 +22,97 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-def ensure_inputs(pipe: Pipeline, name: str, split: str) -> None:
-    """Make the caption sets ``name`` reads for ``split`` (generating or synthesizing them if needed)."""
-    generators = {g.name for g in pipe.cfg.generators}
-    pipe.embed(split)
-    pipe.retrieve(split)
-    for i in pipe.inputs_of(name):
-        if i in generators:
-            pipe.generate(i, split)
-        else:
-            ensure_inputs(pipe, i, split)
-            pipe.synthesize(i, split)
+BATCH = 64  # images fused and written per batch
 
 
-def train_fuser(pipe: Pipeline, name: str) -> Path | None:
-    """Train an ``lm`` fuser on its train split's candidates, after the leakage guard allows it."""
-    from medcap.fuser.leakage import check_fuser_inputs
-    from medcap.fuser.lm_train import train_fuser as fit
-    from medcap.generators.stage import holdout
-
-    cfg = pipe.output_cfg(name)
-    if cfg.kind != "lm":
-        return None
-    out, key = pipe.run.model(name), pipe.fuser_model_key(name)
-    if pipe.cached(out, key):
-        pipe.record("train", out, False)
-        return out
-    split = cfg.train_split
-    ensure_inputs(pipe, name, split)
-    check_fuser_inputs(pipe, name, split)
-    examples = pipe.split(split).examples
-    if any(ex.caption is None for ex in examples):
-        raise ValueError(f"fuser {name}: train_split {split!r} has no reference captions")
-    inputs = pipe.inputs_of(name)
-    candidates = {i: pipe.captions(i, split) for i in inputs}
-    neighbours = pipe.neighbour_lists(split) if cfg.use_neighbours else {}
-    train_items, valid_items = holdout([(ex, neighbours.get(ex.id)) for ex in examples], pipe.cfg.seed)
-
-    def rows(items):
-        return [({i: candidates[i][ex.id] for i in inputs}, nb, ex.caption) for ex, nb in items]
-
-    Manifest("train", key, complete=False).write(out)
-    fit(cfg, rows(train_items), rows(valid_items), out)
-    Manifest("train", key, complete=True, count=len(train_items), info={"split": split}).write(out)
-    pipe.record("train", out, True)
-    return out
+def _cfg(pipe: Pipeline, name: str):
+    cs = pipe.caption_set(name)
+    if cs.stage != "fuse":
+        raise ValueError(f"{name!r} is a {cs.stage} caption set, not a fuser")
+    return cs.cfg
 
 
-def fuse(pipe: Pipeline, name: str, split: str) -> Path | None:
-    """Write ``fused/NAME/SPLIT.jsonl``; an ``lm`` fuser does not caption the split it trained on."""
-    cfg = pipe.output_cfg(name)
-    if cfg.kind == "lm" and split == cfg.train_split:
-        log.info("fuser %s: not fusing %s, the split it trained on", name, split)
-        return None
-    out, key = pipe.run.fused(name, split), pipe.output_key(name, split)
-    if pipe.cached(out, key):
-        pipe.record("fuse", out, False)
-        return out
-    inputs = pipe.inputs_of(name)
-    candidates = {i: pipe.captions(i, split) for i in inputs}
-    sink = ResumableJsonl(out, "fuse", key, inputs=tuple(str(pipe.output_path(i, split)) for i in inputs))
-    todo = [
-        (ex.id, {i: candidates[i][ex.id] for i in inputs})
-        for ex in pipe.split(split).examples
-        if ex.id not in sink.done
-    ]
-    if todo:
-        fuse_batch, close = _fuser(pipe, name, split)
-        try:
-            for batch in batched(todo, 64):
-                sink.write([c.to_json() for c in fuse_batch(batch)])
-        finally:
-            close()
-    sink.finish()
-    pipe.record("fuse", out, True)
-    return out
+class TrainFuser(Stage):
+    name = "train-fuser"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [(f.name,) for f in pipe.cfg.fusers if fuser_kind(f.kind).trains(f)]
+
+    def path(self, pipe: Pipeline, name: str) -> Path:
+        return pipe.run.model(name)
+
+    def needs(self, pipe: Pipeline, name: str) -> list[tuple]:
+        cfg = _cfg(pipe, name)
+        needs = [pipe.caption_need(i, cfg.train_split) for i in pipe.inputs_of(name)]
+        return needs + ([("retrieve", cfg.train_split)] if fuser_kind(cfg.kind).wants_neighbours(cfg) else [])
+
+    def settings(self, pipe: Pipeline, name: str) -> Any:
+        cfg = _cfg(pipe, name)
+        # the seed draws the validation hold-out; the train split's references are what it learns
+        return fuser_kind(cfg.kind).train_settings(cfg), pipe.cfg.seed, pipe.data_key(cfg.train_split)
+
+    def hint(self, pipe: Pipeline, name: str) -> str:
+        return f"medcap train fuser {name} -c CONFIG"
+
+    def make(self, pipe: Pipeline, out: Path, key: str, name: str) -> None:
+        old = Manifest.read(out)
+        if out.exists() and (old is None or old.key != key):
+            log.info("%s: trained with other settings; training afresh", out)
+            shutil.rmtree(out)
+        Manifest("train", key, complete=False).write(out)  # checkpoints under `out` resume with this key
+        cfg = _cfg(pipe, name)
+        fuser_kind(cfg.kind).train(pipe, cfg, out)
+        Manifest("train", key, complete=True, info={"split": cfg.train_split}).write(out)
 
 
-def _fuser(pipe: Pipeline, name: str, split: str):
-    """(fuse a batch of (id, candidates), close) for the fuser's kind."""
-    from medcap.fuser.mbr import mbr_fuse, rerank_fuse
+class Fuse(Stage):
+    name = "fuse"
+    command = "medcap fuse CONFIG"
 
-    cfg = pipe.output_cfg(name)
-    if cfg.kind == "mbr":
-        return (lambda batch: mbr_fuse(cfg, batch)), (lambda: None)
-    if cfg.kind == "rerank":
-        from medcap.retrieval.embed import load_embeddings
-        from medcap.retrieval.encoders import load_encoder
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [
+            (f.name, split)
+            for split in pipe.cfg.data.query_splits
+            for f in pipe.cfg.fusers
+            if fuser_kind(f.kind).covers(f, split)
+        ]
 
-        enc = pipe.cfg.retrieval.encoder
-        emb = pipe.run.embeddings(enc.name, split)
-        pipe.require(emb, pipe.embed_key(split), "medcap embed CONFIG")
-        ids, vectors = load_embeddings(emb)
-        images = dict(zip(ids, vectors, strict=True))
-        encoder = load_encoder(enc)
-        return (lambda batch: rerank_fuse(cfg, batch, images, encoder)), (lambda: None)
-    from medcap.fuser.lm import LMFuser
+    def path(self, pipe: Pipeline, name: str, split: str) -> Path:
+        return pipe.run.fused(name, split)
 
-    pipe.require(pipe.run.model(name), pipe.fuser_model_key(name), f"medcap train fuser {name}")
-    neighbours = pipe.neighbour_lists(split) if cfg.use_neighbours else {}
-    model = LMFuser(cfg, pipe.run.model(name))
-    return (lambda batch: model([(i, c, neighbours.get(i)) for i, c in batch])), model.close
+    def needs(self, pipe: Pipeline, name: str, split: str) -> list[tuple]:
+        cfg = _cfg(pipe, name)
+        return [pipe.caption_need(i, split) for i in pipe.inputs_of(name)] + fuser_kind(cfg.kind).needs(
+            pipe, cfg, split
+        )
+
+    def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
+        cfg = _cfg(pipe, name)
+        return fuser_kind(cfg.kind).settings(cfg), pipe.data_key(split)
+
+    def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
+        cfg = _cfg(pipe, name)
+        kind = fuser_kind(cfg.kind)
+        if not kind.covers(cfg, split):
+            raise ValueError(f"fuser {name} does not caption {split!r}, the split it trained on")
+        inputs = pipe.inputs_of(name)
+        candidates = {i: pipe.captions(i, split) for i in inputs}
+        neighbours = pipe.neighbour_lists(split) if kind.wants_neighbours(cfg) else {}
+        sink = ResumableJsonl(
+            out, "fuse", key, inputs=tuple(str(pipe.path(*pipe.caption_need(i, split))) for i in inputs)
+        )
+        todo = [
+            (ex.id, {i: candidates[i][ex.id] for i in inputs}, neighbours.get(ex.id))
+            for ex in pipe.split(split).examples
+            if ex.id not in sink.done
+        ]
+        if todo:
+            fuse = kind.build(pipe, cfg, split)
+            try:
+                for batch in batched(todo, BATCH):
+                    sink.write([c.to_json() for c in fuse(batch)])
+            finally:
+                close = getattr(fuse, "close", None)
+                if close is not None:
+                    close()
+        sink.finish()

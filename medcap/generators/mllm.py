@@ -2,48 +2,39 @@
 
 ``MLLMGenerator`` turns (example, neighbours) pairs into engine requests (query image, plus the
 neighbours' images in few-shot mode with ``shot_images``), sends them ``cfg.engine.batch_size`` at a
-time, and cleans each output into one caption. ``make_engine`` builds the engine a generator config
-names (hf, vllm or openai).
+time, and cleans each output into one caption. ``MLLM`` is the generator kind of every family
+(llava, qwen2_5_vl, medgemma, smolvlm): zero-shot, few-shot, or SFT with a LoRA adapter the run
+trains (``generators/train.py``) unless ``adapter`` names one.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig
+from medcap.config import GeneratorConfig, key_settings
 from medcap.data import load_image
 from medcap.engines.base import Engine, Request
 from medcap.generators.clean import clean_caption
-from medcap.generators.families import get_family
+from medcap.generators.kind import Generator, GeneratorKind, Item
 from medcap.generators.prompts import build_messages
+from medcap.models.families import get_family
+from medcap.models.hub import model_identity
 from medcap.records import Candidate, Example, NeighbourList
+
+if TYPE_CHECKING:
+    from medcap.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 
 def make_engine(cfg: GeneratorConfig) -> Engine:
-    """The engine ``cfg.engine.kind`` names, serving ``cfg.model`` (default: the family's)."""
-    if "ray" in cfg.engine.extra:  # scale out: the same engine in Ray Data workers (docs/scaling.md)
-        from medcap.engines.ray import make_ray_engine
+    """The engine ``cfg.engine`` names, serving the generator's model (default: the family's)."""
+    from medcap.engines import make_engine as make
 
-        return make_ray_engine(cfg)
-    kind = cfg.engine.kind
-    family = get_family(cfg.kind)
-    if kind == "hf":
-        from medcap.engines.hf import HFEngine
-
-        return HFEngine(family, cfg.model, cfg.engine, max_pixels=cfg.max_pixels)
-    if kind == "vllm":
-        from medcap.engines.vllm import VLLMEngine
-
-        return VLLMEngine(family, cfg.model, cfg.engine, max_pixels=cfg.max_pixels)
-    if kind == "openai":
-        from medcap.engines.openai import OpenAIEngine
-
-        return OpenAIEngine(cfg.model or family.default_model, cfg.engine)
-    raise ValueError(f"unknown engine kind {kind!r} for generator {cfg.name!r}; use hf | vllm | openai")
+    return make(cfg.model, cfg.engine, family=cfg.kind, max_pixels=cfg.max_pixels, owner=f"generators.{cfg.name}")
 
 
 class MLLMGenerator:
@@ -111,3 +102,40 @@ class MLLMGenerator:
                 out.append(Candidate(req.id, clean_caption(comp.text), self.cfg.name, extra))
             log.info("%s: %d/%d images captioned", self.cfg.name, len(out), len(items))
         return out
+
+    def close(self) -> None:
+        """Free the engine's model."""
+        if self.engine is not None:
+            self.engine.close()
+
+
+class MLLMKind(GeneratorKind):
+    """Multimodal LLMs of every family: prompts from neighbours in few-shot mode, LoRA SFT when asked."""
+
+    def trains(self, cfg: GeneratorConfig) -> bool:
+        return cfg.mode == "sft" and cfg.adapter is None
+
+    def settings(self, cfg: GeneratorConfig) -> Any:
+        return key_settings(cfg), model_identity(cfg.model), model_identity(cfg.adapter)
+
+    def train_settings(self, cfg: GeneratorConfig) -> Any:
+        shaping = (cfg.kind, cfg.mode, cfg.k, cfg.shot_images, cfg.prompt, cfg.max_pixels)
+        return shaping, key_settings(cfg.lora), key_settings(cfg.train), model_identity(cfg.model)
+
+    def train_needs(self, pipe: Pipeline, cfg: GeneratorConfig) -> list[tuple]:
+        return [("retrieve", pipe.cfg.data.index_split)] if cfg.mode == "few-shot" else []
+
+    def train(self, pipe: Pipeline, cfg: GeneratorConfig, train: list[Item], valid: list[Item], out: Path) -> None:
+        from medcap.generators.train import train_generator
+
+        train_generator(cfg, train, valid, out)
+
+    def build(self, pipe: Pipeline, cfg: GeneratorConfig, split: str, model_dir: Path) -> Generator:
+        adapter = cfg.adapter
+        if adapter is None and cfg.mode == "sft":
+            adapter = str(model_dir / "adapter")
+        index = {ex.id: ex for ex in pipe.split(pipe.cfg.data.index_split).examples} if cfg.shot_images else None
+        return MLLMGenerator(cfg, make_engine(cfg), adapter=adapter, index_examples=index)
+
+
+MLLM = MLLMKind()

@@ -7,9 +7,16 @@ retrieval analogue of minimum-Bayes-risk decoding, and a strong ImageCLEF baseli
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from medcap.config import GeneratorConfig
+from medcap.generators.kind import Generator, GeneratorKind
+from medcap.models.similarity import get_similarity, pick_consensus
 from medcap.records import Candidate, NeighbourList
-from medcap.similarity import get_similarity, pick_consensus
+
+if TYPE_CHECKING:
+    from medcap.pipeline import Pipeline
 
 
 def nearest(cfg: GeneratorConfig, neighbours: list[NeighbourList]) -> list[Candidate]:
@@ -34,3 +41,20 @@ def consensus(cfg: GeneratorConfig, neighbours: list[NeighbourList]) -> list[Can
         best = pick_consensus([n.caption for n in hits], similarity)
         out.append(Candidate(row.id, hits[best].caption, cfg.name, {"source": hits[best].id}))
     return out
+
+
+class NeighbourKind(GeneratorKind):
+    """A neighbour captioner as a generator kind: no model, nothing to train, cheap batches."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def build(self, pipe: Pipeline, cfg: GeneratorConfig, split: str, model_dir: Path) -> Generator:
+        return lambda items: self.fn(cfg, [nb for _, nb in items])
+
+    def chunk(self, cfg: GeneratorConfig) -> int:
+        return 256
+
+
+NEAREST = NeighbourKind(nearest)
+CONSENSUS = NeighbourKind(consensus)

@@ -224,8 +224,8 @@ class PrefixCaptioner(nn.Module):
 
     @classmethod
     def build(cls, config: PrefixModelConfig, *, dtype: str = "auto", device: str = "auto") -> PrefixCaptioner:
-        """A fresh model: the LM loaded by name (``medcap.lms.load_causal_lm``), a random mapper."""
-        from medcap.lms import load_causal_lm
+        """A fresh model: the LM loaded by name (``medcap.models.lms.load_causal_lm``), a random mapper."""
+        from medcap.models.lms import load_causal_lm
 
         lm, tokenizer = load_causal_lm(config.prefix.lm, dtype=dtype, device=device)
         return cls(config, lm, tokenizer)
@@ -235,12 +235,12 @@ class PrefixCaptioner(nn.Module):
         """A model saved by ``save``."""
         from safetensors.torch import load_file
 
-        from medcap.lms import load_causal_lm
+        from medcap.models.lms import load_causal_lm
 
         model_dir = Path(model_dir)
         path = model_dir / "config.json"
         if not path.is_file():
-            from medcap.problems import ModelNotFoundError
+            from medcap.models.hub import ModelNotFoundError
 
             raise ModelNotFoundError(f"no prefix captioner in {model_dir} (missing config.json); train one first")
         config = PrefixModelConfig.from_json(json.loads(path.read_text()))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from medcap.models.families import DEFAULT_PROMPT
 from medcap.records import NeighbourList
 
-DEFAULT_PROMPT = "Write a concise diagnostic caption for this medical image."
 MODES = ("zero-shot", "sft", "few-shot")
 
 Message = dict[str, Any]

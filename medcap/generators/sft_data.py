@@ -18,10 +18,19 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig
-from medcap.generators.families import Family
+from medcap.data.problems import InputError, Problem
 from medcap.generators.mllm import MLLMGenerator
 from medcap.generators.prompts import training_messages
-from medcap.problems import InputError, Problem
+from medcap.models.chat import (
+    IGNORE,
+    PromptDriftError,
+    check_text_prefix,
+    check_token_prefix,
+    close_turn,
+    mask_labels,
+    stop_ids,
+)
+from medcap.models.families import Family
 from medcap.records import Example, NeighbourList
 
 if TYPE_CHECKING:
@@ -31,15 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label value that cross-entropy skips
-# End-of-turn tokens of the supported chat formats; the first one after the prompt ends what is learned.
-END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<end_of_utterance>", "<|eot_id|>", "</s>")
+__all__ = ["IGNORE", "Pair", "PromptDriftError", "SFTCollator", "check_pairs"]
 
 Pair = tuple[Example, NeighbourList | None]
-
-
-class PromptDriftError(ValueError):
-    """The generation prompt is not a prefix of the training sequence: training and inference would differ."""
 
 
 def check_pairs(pairs: Sequence[Pair], split: str) -> None:
@@ -72,8 +75,7 @@ class SFTCollator:
         self.max_length = max_length
         # The inference generator builds the prompt; its engine is never used here.
         self.builder = MLLMGenerator(cfg, None, index_examples=index_examples)  # type: ignore[arg-type]
-        self.stop_ids = _stop_ids(processor.tokenizer, eos_ids)
-        self.stop_strings = [processor.tokenizer.convert_ids_to_tokens(i) for i in sorted(self.stop_ids)]
+        self.stop_ids = stop_ids(processor.tokenizer, eos_ids)
         self.truncated = 0
         self.seen = 0
 
@@ -86,16 +88,8 @@ class SFTCollator:
         fam, proc = self.family, self.processor
         prompt = fam.render(proc, request.messages, add_generation_prompt=True)
         full = fam.render(proc, training_messages(list(request.messages), caption), add_generation_prompt=False)
-        if not full.startswith(prompt):
-            raise PromptDriftError(
-                f"{request.id}: the {fam.name} generation prompt is not a prefix of the training text;\n"
-                f"prompt ends: {prompt[-80:]!r}\ntraining text there: {full[len(prompt) - 80 : len(prompt) + 20]!r}"
-            )
-        completion = full[len(prompt) :]
-        if not any(s in completion for s in self.stop_strings):
-            # Templates such as LLaVA-1.5's close the assistant turn with nothing: add EOS so the model learns to stop.
-            full = prompt + completion.rstrip() + self.processor.tokenizer.eos_token
-        return prompt, full
+        check_text_prefix(prompt, full, f"{request.id} ({fam.name})")
+        return prompt, close_turn(prompt, full, proc.tokenizer, self.stop_ids)
 
     def __call__(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
         requests = self.requests(pairs)
@@ -103,36 +97,19 @@ class SFTCollator:
         images = [list(r.images) for r in requests]
         enc = self.family.encode(self.processor, [full for _, full in texts], images, padding_side="right")
         ids, attn = enc["input_ids"], enc["attention_mask"]
-        labels = ids.clone()
-        labels[attn == 0] = IGNORE
-        prompt_lens = []
-        for i, (request, (prompt, _)) in enumerate(zip(requests, texts, strict=True)):
-            start = self._prompt_length(request, prompt, images[i], ids[i, : int(attn[i].sum())])
-            labels[i, :start] = IGNORE
-            after = labels[i, start:].tolist()
-            end = next((j for j, t in enumerate(after) if t in self.stop_ids), None)
-            if end is not None:
-                labels[i, start + end + 1 :] = IGNORE
-            prompt_lens.append(start)
-        enc["labels"] = labels
+        prompt_lens = [
+            self._prompt_length(request, prompt, images[i], ids[i, : int(attn[i].sum())])
+            for i, (request, (prompt, _)) in enumerate(zip(requests, texts, strict=True))
+        ]
+        enc["labels"] = mask_labels(ids.clone(), attn, prompt_lens, self.stop_ids)
         self.seen += len(pairs)
         return self._truncate(dict(enc), requests, prompt_lens)
 
     def _prompt_length(self, request: Request, prompt: str, images: list[Any], row: torch.Tensor) -> int:
         """Tokens of the generation prompt, checked to be a token prefix of the training sequence."""
-        import torch
-
         ids = self.family.encode(self.processor, [prompt], [images])["input_ids"][0]
-        n = len(ids)
-        if n >= len(row) or not torch.equal(row[:n], ids):
-            tok = self.processor.tokenizer
-            at = next((j for j in range(min(n, len(row))) if row[j] != ids[j]), min(n, len(row)))
-            raise PromptDriftError(
-                f"{request.id}: the tokenised {self.family.name} generation prompt ({n} tokens) is not a prefix of "
-                f"the training sequence ({len(row)} tokens); first difference at token {at}: "
-                f"prompt {tok.decode(ids[at : at + 5])!r} vs training {tok.decode(row[at : at + 5])!r}"
-            )
-        return n
+        what = f"{request.id} ({self.family.name})"
+        return check_token_prefix(ids.tolist(), row.tolist(), self.processor.tokenizer, what)
 
     def _truncate(
         self, batch: dict[str, torch.Tensor], requests: list[Request], prompt_lens: list[int]
@@ -153,13 +130,3 @@ class SFTCollator:
             if hasattr(value, "shape") and tuple(value.shape) == shape:
                 batch[key] = value[:, : self.max_length]
         return batch
-
-
-def _stop_ids(tokenizer: Any, eos_ids: Sequence[int]) -> set[int]:
-    """The model's stop tokens, the tokenizer's EOS and any known end-of-turn token in its vocabulary."""
-    vocab = tokenizer.get_vocab()
-    ids = {int(i) for i in eos_ids if i is not None}
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
-    return ids

@@ -1,10 +1,15 @@
-"""The generate stage: training a generator's model, cross-fitting, and writing candidates.
+"""The train and generate stages: a generator's model, cross-fitting, and its candidates.
+
+``train`` fits a generator's model (prefix captioner, LoRA adapter) on the index split, 10% of its
+cases held out for validation (drawn with the run seed). ``generate`` writes
+``candidates/NAME/SPLIT.jsonl`` a batch at a time (a rerun resumes).
 
 Cross-fitting (``folds: K``) gives every index-split image an honest candidate: the index split is
 cut into K folds by case, model ``i`` trains on the other K-1 folds and writes the candidates of
-fold ``i``. Other splits are captioned by the model trained on the whole index split. The rows of
-a cross-fitted file carry their fold, and each fold model lists the IDs it trained on, so the
-fuser's leakage guard can check the claim from the files.
+fold ``i``; the fold models live under ``models/NAME.folds/fold-I``, keyed by the training's key.
+Other splits are captioned by the model trained on the whole index split. The rows of a
+cross-fitted file carry their fold, and each model lists the IDs it trained on (``train_ids.json``),
+so the fuser's leakage guard can check the claim from the files.
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
-
-from medcap.config import config_hash
-from medcap.generators import GeneratorInputs, Item, build_generator, needs_training, train_model
-from medcap.runs import Manifest, ResumableJsonl, write_json
+from medcap.config import GeneratorConfig, config_hash
+from medcap.generators import Item, generator_kind
+from medcap.logs import progress
+from medcap.pipeline import Stage
+from medcap.runs import Manifest, ResumableJsonl, is_fresh, write_json
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
@@ -52,106 +57,137 @@ def group_folds(items: list[Item], k: int, seed: int) -> list[list[str]]:
     return folds
 
 
-def fit(pipe: Pipeline, name: str, items: list[Item], out: Path, key: str) -> Path:
-    """Train ``name``'s model on ``items`` (10% of cases held out for validation) into ``out``, cached by key."""
-    if pipe.cached(out, key):
-        pipe.record("train", out, False)
-        return out
-    old = Manifest.read(out)
-    if old is not None and old.key != key and out.exists():
-        log.info("%s: trained with other settings; training afresh", out)
-        shutil.rmtree(out)
-    Manifest("train", key, complete=False).write(out)  # checkpoints under `out` resume with this key
-    gcfg, index_split = pipe.generator_cfg(name), pipe.cfg.data.index_split
-    embeddings = None
-    if gcfg.kind == "prefix":
-        embeddings = pipe.run.embeddings(pipe.cfg.retrieval.encoder.name, index_split)
-        pipe.require(embeddings, pipe.embed_key(index_split), "medcap embed CONFIG")
-    train_items, valid_items = holdout(items, pipe.cfg.seed)
-    train_model(gcfg, out, train_items, valid_items, embeddings=embeddings)
-    write_json(out / TRAIN_IDS, sorted(ex.id for ex, _ in train_items + valid_items))
-    Manifest("train", key, complete=True, count=len(train_items), info={"valid": len(valid_items)}).write(out)
-    pipe.record("train", out, True)
-    return out
+def crossfitted(pipe: Pipeline, cfg: GeneratorConfig, split: str) -> bool:
+    """True when ``split``'s candidates come from K fold models (the index split of a ``folds >= 2`` generator)."""
+    return generator_kind(cfg.kind).trains(cfg) and cfg.folds >= 2 and split == pipe.cfg.data.index_split
 
 
-def index_items(pipe: Pipeline, name: str) -> list[Item]:
+def index_items(pipe: Pipeline, cfg: GeneratorConfig) -> list[Item]:
     """The index split's items, with their neighbours when the generator's prompt shows them."""
     index_split = pipe.cfg.data.index_split
-    neighbours = {}
-    if pipe.generator_cfg(name).mode == "few-shot":
-        pipe.retrieve(index_split)
-        neighbours = pipe.neighbour_lists(index_split)
+    neighbours = pipe.neighbour_lists(index_split) if cfg.mode == "few-shot" else {}
     return [(ex, neighbours.get(ex.id)) for ex in pipe.split(index_split).examples]
 
 
-def train(pipe: Pipeline, name: str) -> Path | None:
-    """Train the generator's model on the whole index split, if it needs one."""
-    if not needs_training(pipe.generator_cfg(name)):
-        return None
-    return fit(pipe, name, index_items(pipe, name), pipe.run.model(name), pipe.model_key(name))
+def fit(pipe: Pipeline, cfg: GeneratorConfig, items: list[Item], out: Path, key: str) -> None:
+    """Train ``cfg``'s model on ``items`` (10% of cases held out for validation) into ``out``, keyed.
+
+    A folder made with another key is removed first: a changed setting never resumes an old
+    training or returns an old model.
+    """
+    old = Manifest.read(out)
+    if out.exists() and (old is None or old.key != key):
+        log.info("%s: trained with other settings; training afresh", out)
+        shutil.rmtree(out)
+    Manifest("train", key, complete=False).write(out)  # checkpoints under `out` resume with this key
+    train_items, valid_items = holdout(items, pipe.cfg.seed)
+    generator_kind(cfg.kind).train(pipe, cfg, train_items, valid_items, out)
+    write_json(out / TRAIN_IDS, sorted(ex.id for ex, _ in train_items + valid_items))
+    Manifest("train", key, complete=True, count=len(train_items), info={"valid": len(valid_items)}).write(out)
 
 
-def fold_models(pipe: Pipeline, name: str) -> list[tuple[Path, list[str]]]:
-    """Train the K cross-fitting models of ``name``: (model folder, IDs of the fold it captions)."""
-    gcfg = pipe.generator_cfg(name)
-    items = index_items(pipe, name)
-    folds = group_folds(items, gcfg.folds, pipe.cfg.seed)
+class Train(Stage):
+    """A generator's model trained on the whole index split."""
+
+    name = "train"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [(g.name,) for g in pipe.cfg.generators if generator_kind(g.kind).trains(g)]
+
+    def path(self, pipe: Pipeline, name: str) -> Path:
+        return pipe.run.model(name)
+
+    def needs(self, pipe: Pipeline, name: str) -> list[tuple]:
+        cfg = pipe.generator_cfg(name)
+        return generator_kind(cfg.kind).train_needs(pipe, cfg)
+
+    def settings(self, pipe: Pipeline, name: str) -> Any:
+        cfg = pipe.generator_cfg(name)
+        # the seed draws the validation hold-out; the index split's data is what it learns
+        return generator_kind(cfg.kind).train_settings(cfg), pipe.cfg.seed, pipe.data_key(pipe.cfg.data.index_split)
+
+    def hint(self, pipe: Pipeline, name: str) -> str:
+        return f"medcap train generator {name} -c CONFIG"
+
+    def make(self, pipe: Pipeline, out: Path, key: str, name: str) -> None:
+        cfg = pipe.generator_cfg(name)
+        fit(pipe, cfg, index_items(pipe, cfg), out, key)
+
+
+class Generate(Stage):
+    """``candidates/NAME/SPLIT.jsonl``: one caption per image of the split, cross-fitted on the index split."""
+
+    name = "generate"
+    command = "medcap generate CONFIG"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [(g.name, split) for split in pipe.cfg.data.query_splits for g in pipe.cfg.generators]
+
+    def path(self, pipe: Pipeline, name: str, split: str) -> Path:
+        return pipe.run.candidates(name, split)
+
+    def needs(self, pipe: Pipeline, name: str, split: str) -> list[tuple]:
+        cfg = pipe.generator_cfg(name)
+        kind = generator_kind(cfg.kind)
+        needs = [("retrieve", split), *kind.needs(pipe, cfg, split)]
+        if crossfitted(pipe, cfg, split):
+            needs += kind.train_needs(pipe, cfg)
+        elif kind.trains(cfg):
+            needs.append(("train", name))
+        return list(dict.fromkeys(needs))
+
+    def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
+        cfg = pipe.generator_cfg(name)
+        kind = generator_kind(cfg.kind)
+        folds = None
+        if crossfitted(pipe, cfg, split):  # the fold models are part of this artifact: their training's key
+            folds = (cfg.folds, pipe.key("train", name))
+        return kind.settings(cfg), pipe.data_key(split), folds
+
+    def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
+        cfg = pipe.generator_cfg(name)
+        kind = generator_kind(cfg.kind)
+        neighbours = pipe.neighbour_lists(split)
+        crossfit = crossfitted(pipe, cfg, split)
+        plan = fold_models(pipe, cfg) if crossfit else [(pipe.run.model(name), None)]
+        sink = ResumableJsonl(out, "generate", key, inputs=(str(pipe.path("retrieve", split)),))
+        for fold, (model_dir, ids) in enumerate(plan):
+            wanted = set(ids) if ids is not None else None
+            todo = [
+                (ex, neighbours.get(ex.id))
+                for ex in pipe.split(split).examples
+                if ex.id not in sink.done and (wanted is None or ex.id in wanted)
+            ]
+            if todo:
+                generate = kind.build(pipe, cfg, split, model_dir)
+                write_batches(
+                    generate, todo, sink, kind.chunk(cfg), f"generate {name}/{split}", fold if crossfit else None
+                )
+        sink.finish(info={"folds": cfg.folds} if crossfit else None)
+
+
+def fold_models(pipe: Pipeline, cfg: GeneratorConfig) -> list[tuple[Path, list[str]]]:
+    """Train the K cross-fitting models of ``cfg``: (model folder, IDs of the fold it captions)."""
+    items = index_items(pipe, cfg)
+    folds = group_folds(items, cfg.folds, pipe.cfg.seed)
     models = []
     for i, fold in enumerate(folds):
         held = set(fold)
-        out = pipe.run.model(name) / f"fold-{i}"
-        key = config_hash("fold", pipe.model_key(name), gcfg.folds, i)
-        fit(pipe, name, [it for it in items if it[0].id not in held], out, key)
+        out = pipe.run.fold_model(cfg.name, i)
+        fold_key = config_hash("fold", pipe.key("train", cfg.name), cfg.folds, i)
+        if is_fresh(out, fold_key):
+            pipe.record("train", out, False)
+        else:
+            fit(pipe, cfg, [it for it in items if it[0].id not in held], out, fold_key)
+            pipe.record("train", out, True)
         models.append((out, fold))
     return models
 
 
-def generate(pipe: Pipeline, name: str, split: str) -> Path:
-    """Write ``candidates/NAME/SPLIT.jsonl`` (resuming a partial file), cross-fitted on the index split."""
-    gcfg = pipe.generator_cfg(name)
-    out, key = pipe.run.candidates(name, split), pipe.candidates_key(name, split)
-    if pipe.cached(out, key):
-        pipe.record("generate", out, False)
-        return out
-    neighbours = pipe.neighbour_lists(split)
-    crossfit = needs_training(gcfg) and gcfg.folds >= 2 and split == pipe.cfg.data.index_split
-    if crossfit:
-        plan = fold_models(pipe, name)
-    else:
-        if needs_training(gcfg):
-            pipe.require(pipe.run.model(name), pipe.model_key(name), f"medcap train generator {name}")
-        plan = [(pipe.run.model(name), None)]
-    enc = pipe.cfg.retrieval.encoder.name
-    index_examples = {ex.id: ex for ex in pipe.split(pipe.cfg.data.index_split).examples}
-    sink = ResumableJsonl(out, "generate", key, inputs=(str(pipe.run.neighbours(split)),))
-    for fold, (model_dir, ids) in enumerate(plan):
-        wanted = set(ids) if ids is not None else None
-        todo = [
-            (ex, neighbours.get(ex.id))
-            for ex in pipe.split(split).examples
-            if ex.id not in sink.done and (wanted is None or ex.id in wanted)
-        ]
-        if not todo:
-            continue
-        inputs = GeneratorInputs(
-            model_dir=model_dir,
-            embeddings=pipe.run.embeddings(enc, split) if gcfg.kind == "prefix" else None,
-            index_examples=index_examples,
-        )
-        write_batches(
-            build_generator(gcfg, inputs), todo, sink, gcfg, f"generate {name}/{split}", fold if crossfit else None
-        )
-    sink.finish(info={"folds": gcfg.folds} if crossfit else None)
-    pipe.record("generate", out, True)
-    return out
-
-
-def write_batches(generate, todo: list[Item], sink: ResumableJsonl, gcfg, desc: str, fold: int | None) -> None:
+def write_batches(generate, todo: list[Item], sink: ResumableJsonl, size: int, desc: str, fold: int | None) -> None:
     """Run a built generator over ``todo`` a batch at a time, appending each batch to ``sink``."""
-    size = 256 if gcfg.kind in ("nearest", "consensus") else max(1, gcfg.engine.batch_size)
     try:
-        for start in tqdm(range(0, len(todo), size), desc=desc, unit="batch", disable=len(todo) <= size):
+        for start in progress(range(0, len(todo), size), desc=desc, unit="batch"):
             rows = [c.to_json() for c in generate(todo[start : start + size])]
             if fold is not None:
                 for row in rows:

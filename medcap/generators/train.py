@@ -3,12 +3,9 @@
 ``train_generator`` loads the family's model, attaches LoRA to the language model only (vLLM
 applies LoRA there and rejects adapters that touch ``lm_head``/``embed_tokens``), and trains on
 (image, caption) sequences from :mod:`medcap.generators.sft_data`, whose prompts are the ones
-inference uses. AdamW with linear warmup and decay, gradient accumulation (the loss is the mean
-over every caption token of the accumulated batches), bf16 autocast on a GPU, seeded shuffling.
-Every ``eval_every`` steps it logs the validation loss and the ROUGE-1 of greedy captions, and
-keeps the adapter with the best validation loss. Every ``save_every`` steps a checkpoint (adapter,
-optimizer, scheduler, RNG states, step) is written atomically to ``out_dir/checkpoints/step-N``;
-a rerun continues from the latest one and ends with the same weights as an uninterrupted run.
+inference uses, in medcap's one training loop (``models/training.py``: seeded batches,
+accumulation, schedule, best model, atomic checkpoints and exact resume). bf16 autocast on a GPU.
+Every ``eval_every`` steps it measures the validation loss and the ROUGE-1 of greedy captions.
 
 Output: ``out_dir/adapter`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (standard
 PEFT, loadable by vLLM) and ``medcap_train.json`` (config, steps, best validation loss, ROUGE-1).
@@ -18,20 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import re
-import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig, LoraConfig
 from medcap.configio import config_hash, to_dict
-from medcap.generators.families import Family, cap_pixels, get_family, resolve_device, resolve_model
-from medcap.generators.sft_data import IGNORE, Pair, SFTCollator, check_pairs
+from medcap.generators.sft_data import Pair, SFTCollator, check_pairs
 from medcap.generators.sft_eval import validate
+from medcap.models import training
+from medcap.models.chat import eos_ids
+from medcap.models.families import Family, cap_pixels, get_family, resolve_device, resolve_model
+from medcap.models.training import label_tokens, token_losses
 from medcap.runs import write_json
 
 if TYPE_CHECKING:
@@ -40,20 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORBIDDEN = ("lm_head", "embed_tokens", "modules_to_save")  # vLLM rejects adapters holding these
-CHECKPOINTS_KEPT = 2  # older checkpoints are deleted
 VAL_LOSS_MAX = 256  # validation examples in the validation loss (the first ones; pass a subset to choose)
-GRAD_CLIP = 1.0
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint records besides tensors."""
-
-    step: int = 0  # optimiser steps done; the data position is step * grad_accum micro-batches
-    best_loss: float | None = None
-    best_step: int | None = None
-    best_rouge1: float | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+FINAL = "adapter"
 
 
 # --------------------------------------------------------------------------- adapter rules
@@ -165,45 +149,7 @@ def _load_4bit(cfg: GeneratorConfig, family: Family) -> tuple[Any, Any]:
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True), processor
 
 
-def _eos_ids(model: Any) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-
-
-# --------------------------------------------------------------------------- data order
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Seeded data order: micro-batch m is a fixed slice of epoch m // per_epoch's permutation."""
-
-    n: int
-    batch_size: int
-    seed: int
-
-    @property
-    def per_epoch(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def indices(self, m: int) -> list[int]:
-        import torch
-
-        epoch, j = divmod(m, self.per_epoch)
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return order[j * self.batch_size : (j + 1) * self.batch_size].tolist()
-
-
 # --------------------------------------------------------------------------- loss and steps
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
-    """Per-token (focal when gamma > 0) cross-entropy of next-token predictions where labels != -100."""
-    import torch.nn.functional as F
-
-    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-    keep = labels != IGNORE
-    logp = F.log_softmax(logits[keep], dim=-1).gather(1, labels[keep].unsqueeze(1)).squeeze(1)
-    return -logp if gamma <= 0 else -(1.0 - logp.exp()).pow(gamma) * logp
 
 
 def forward_losses(model: Any, batch: dict[str, Any], device: str, bf16: bool, gamma: float) -> torch.Tensor:
@@ -217,25 +163,6 @@ def forward_losses(model: Any, batch: dict[str, Any], device: str, bf16: bool, g
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
         logits = model(**inputs).logits
     return token_losses(logits, batch["labels"], gamma)
-
-
-def _step(
-    model: Any, opt: Any, sched: Any, window: list[dict[str, Any]], device: str, bf16: bool, gamma: float
-) -> float:
-    """One optimiser step over the accumulated micro-batches; returns the mean token loss."""
-    import torch
-
-    n_tokens = max(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window), 1)
-    total = 0.0
-    for batch in window:
-        loss = forward_losses(model, batch, device, bf16, gamma).sum() / n_tokens
-        loss.backward()
-        total += loss.item()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], GRAD_CLIP)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return total
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -255,12 +182,6 @@ def train_generator(
     ``resume`` continues from the newest checkpoint in ``out_dir/checkpoints`` (False: start over).
     ``on_step(step)`` is called after every optimiser step, once its checkpoint is written.
     """
-    import torch
-    from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    from medcap.generators import sft_checkpoint as ck
-
     tc = cfg.train
     if not train:
         raise ValueError(f"generator {cfg.name}: no training examples")
@@ -269,27 +190,21 @@ def train_generator(
     family = get_family(cfg.kind)
     check_adapter_config(cfg.lora, family)
     out_dir = Path(out_dir)
+    if not resume:
+        training.reset(out_dir, FINAL)
     device = resolve_device(cfg.engine.device)
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.startswith("cuda"))
     if tc.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"generators.{cfg.name}.train.precision: {tc.precision!r} is not auto | fp32 | bf16")
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.startswith("cuda"))
 
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
+    training.seed_everything(tc.seed)
     model, processor = _load(cfg, family, device, bf16)
     index = {ex.id: ex for ex, _ in train}
     make = lambda: SFTCollator(  # noqa: E731 - one for training, one for validation (separate counters)
-        cfg, family, processor, max_length=tc.max_length, index_examples=index, eos_ids=_eos_ids(model)
+        cfg, family, processor, max_length=tc.max_length, index_examples=index, eos_ids=eos_ids(model)
     )
     collator, val_collator = make(), make()
-    plan = Plan(len(train), tc.batch_size, tc.seed)
-    accum = max(tc.grad_accum, 1)
-    total = tc.max_steps or max(math.ceil(tc.epochs * plan.per_epoch / accum), 1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, math.ceil(tc.warmup_ratio * total), total)
-
-    ck_dir, best_dir = out_dir / "checkpoints", out_dir / "best"
-    key = config_hash(
+    fingerprint = config_hash(
         to_dict(cfg.lora),
         to_dict(tc) | {"eval_every": 0, "save_every": 0},
         cfg.model,
@@ -301,48 +216,40 @@ def train_generator(
         cfg.max_pixels,
         [ex.id for ex, _ in train],
     )
-    state = TrainState()
-    found = ck.checkpoints(ck_dir) if resume else []
-    if found:
-        state = TrainState(**ck.load_checkpoint(found[-1], model, opt, sched, key))
-        log.info("%s: resuming from %s", cfg.name, found[-1])
-    else:
-        for stale in (ck_dir, best_dir):
-            shutil.rmtree(stale, ignore_errors=True)
-    log.info(
-        "%s: %d optimiser steps of %d x %d examples (%d training examples)",
-        cfg.name,
-        total,
-        tc.batch_size,
-        accum,
-        len(train),
-    )
 
-    model.train()
-    bar = tqdm(total=total, initial=state.step, desc=f"train {cfg.name}", disable=None)
-    while state.step < total:
-        first = state.step * accum
-        window = [collator([train[i] for i in plan.indices(m)]) for m in range(first, first + accum)]
-        loss = _step(model, opt, sched, window, device, bf16, tc.focal_gamma)
-        state.step += 1
-        row: dict[str, Any] = {"step": state.step, "loss": loss, "lr": sched.get_last_lr()[0]}
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if valid and (state.step % tc.eval_every == 0 or state.step == total):
-            val_loss, score = validate(model, val_collator, valid[:VAL_LOSS_MAX], cfg, device, bf16)
-            row |= {"val_loss": val_loss, "val_rouge1": score}
-            log.info(
-                "%s step %d: loss %.4f, val loss %.4f, val ROUGE-1 %.4f", cfg.name, state.step, loss, val_loss, score
-            )
-            if state.best_loss is None or val_loss < state.best_loss:
-                state.best_loss, state.best_step, state.best_rouge1 = val_loss, state.step, score
-                ck.replace_dir(best_dir, lambda tmp: ck.save_adapter(model, tmp))
-        state.history.append(row)
-        if state.step % tc.save_every == 0 or state.step == total:
-            ck.save_checkpoint(ck_dir, model, opt, sched, state, key, keep=CHECKPOINTS_KEPT)
-        if on_step is not None:
-            on_step(state.step)
-    bar.close()
+    def run_validation() -> dict[str, float]:
+        loss, score = validate(model, val_collator, valid[:VAL_LOSS_MAX], cfg, device, bf16)
+        return {"val_loss": loss, "val_rouge1": score}
+
+    def report(folder: Path, state: training.LoopState) -> None:
+        verify_adapter(folder)
+        write_json(
+            folder / "medcap_train.json",
+            {
+                "config": to_dict(cfg),
+                "steps": state.step,
+                "adapter_step": state.best_step if state.best_step is not None else state.step,
+                "best_val_loss": state.best_loss,
+                "val_rouge1": next((r["val_rouge1"] for r in state.validations if r["step"] == state.best_step), None),
+                "train_examples": len(train),
+                "truncated": collator.truncated,
+                "history": state.history,
+            },
+        )
+
+    recipe = training.Recipe(
+        model=model,
+        n=len(train),
+        batch=lambda idx, m: collator([train[i] for i in idx]),
+        loss=lambda batch: forward_losses(model, batch, device, bf16, tc.focal_gamma).sum(),
+        tokens=lambda batch: label_tokens(batch["labels"]),
+        save=lambda folder: model.save_pretrained(str(folder), save_embedding_layers=False),
+        fingerprint=fingerprint,
+        validate=run_validation if valid else None,
+        report=report,
+        name=f"train {cfg.name}",
+    )
+    adapter, _ = training.fit(recipe, tc, out_dir, FINAL, on_step=on_step)
     if collator.truncated:
         log.warning(
             "%s: %d of %d training sequences cut to max_length=%d tokens",
@@ -351,27 +258,5 @@ def train_generator(
             collator.seen,
             tc.max_length,
         )
-
-    def fill(tmp: Path) -> None:
-        if best_dir.is_dir():
-            shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
-        else:
-            ck.save_adapter(model, tmp)
-        verify_adapter(tmp)
-        write_json(
-            tmp / "medcap_train.json",
-            {
-                "config": to_dict(cfg),
-                "steps": state.step,
-                "adapter_step": state.best_step if best_dir.is_dir() else state.step,
-                "best_val_loss": state.best_loss,
-                "val_rouge1": state.best_rouge1,
-                "train_examples": len(train),
-                "truncated": collator.truncated,
-                "history": state.history,
-            },
-        )
-
-    adapter = ck.replace_dir(out_dir / "adapter", fill)
     log.info("%s: adapter written to %s", cfg.name, adapter)
     return adapter

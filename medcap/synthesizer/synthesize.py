@@ -70,27 +70,13 @@ def build_synthesis_messages(
 
 
 def make_engine(cfg: SynthesizerConfig) -> Engine:
-    """The engine ``cfg.engine.kind`` names, serving ``cfg.model`` (a VLM family's model when multimodal)."""
-    from medcap.generators.families import get_family
+    """The engine ``cfg.engine`` names, serving ``cfg.model`` (a VLM family's model when multimodal)."""
+    from medcap.engines import make_engine as make
 
-    kind = cfg.engine.kind
     if cfg.multimodal and not cfg.family:
         raise ValueError(f"synthesizer {cfg.name!r}: multimodal needs `family` (llava, qwen2_5_vl, medgemma, smolvlm)")
-    family = get_family(cfg.family) if cfg.multimodal and cfg.family else None
-    if kind == "hf":
-        from medcap.engines.hf import HFEngine, HFTextEngine
-
-        return HFEngine(family, cfg.model, cfg.engine) if family else HFTextEngine(cfg.model, cfg.engine)
-    if kind == "vllm":
-        from medcap.engines.vllm import VLLMEngine
-        from medcap.lms import resolve_lm_path
-
-        return VLLMEngine(family, cfg.model if family else resolve_lm_path(cfg.model), cfg.engine)
-    if kind == "openai":
-        from medcap.engines.openai import OpenAIEngine
-
-        return OpenAIEngine(cfg.model, cfg.engine)
-    raise ValueError(f"unknown engine kind {kind!r} for synthesizer {cfg.name!r}; use hf | vllm | openai")
+    family = cfg.family if cfg.multimodal else None
+    return make(cfg.model, cfg.engine, family=family, owner=f"synthesizers.{cfg.name}")
 
 
 def strip_echo(text: str, prompt_lines: set[str]) -> str:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medcap.devices import resolve_device, torch_dtype
-from medcap.problems import ModelNotFoundError
+from medcap.models.devices import resolve_device, torch_dtype
+from medcap.models.hub import ModelNotFoundError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -53,7 +53,7 @@ def cache_root() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "medcap") / "lms"
 
 
-def _package_file(spec: GgufLM) -> Path:
+def package_file(spec: GgufLM) -> Path:
     """The GGUF file inside its package folder, found without importing the package."""
     found = importlib.util.find_spec(spec.package)
     folders = list(found.submodule_search_locations or []) if found else []
@@ -71,7 +71,7 @@ def _build_dense_copy(spec: GgufLM, target: Path) -> None:
     """Dequantise the packaged GGUF once and save a dense copy to ``target`` atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _package_file(spec)
+    gguf = package_file(spec)
     log.info("dequantising %s once (~40 s) into %s", gguf, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -3,7 +3,7 @@
 Each reader turns one split into :class:`RawRow` records that remember the file and line they
 came from, plus the problems it found. Checks common to every format (empty captions,
 duplicate IDs, unreadable images) live in :mod:`medcap.data`; the Hugging Face reader is in
-:mod:`medcap.data_hf`.
+:mod:`medcap.data.hf`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from medcap.config import DataConfig
-from medcap.data_tables import Table, read_csv_table, read_jsonl_table
-from medcap.problems import Problem
+from medcap.data.problems import Problem
+from medcap.data.tables import Table, read_csv_table, read_jsonl_table
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def manifest_splits(cfg: DataConfig) -> list[str]:
     """The values of the manifest's ``split`` column; ``["train"]`` when it has none."""
     table = _read_manifest(cfg)
     if table.fatal:
-        from medcap.problems import InputError
+        from medcap.data.problems import InputError
 
         raise InputError(table.fatal, f"cannot read manifest {cfg.root}")
     if not any("split" in rec for _, rec in table.rows):

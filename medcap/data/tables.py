@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medcap.problems import Problem
+from medcap.data.problems import Problem
 
 
 @dataclass

@@ -12,15 +12,13 @@ when ``HF_HUB_OFFLINE`` is set) or a local folder; anything missing fails at onc
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.devices import resolve_device, torch_dtype
-from medcap.generators.prompts import DEFAULT_PROMPT
-from medcap.problems import ModelNotFoundError
+from medcap.models.chat import add_special_tokens, render_chat
+from medcap.models.devices import resolve_device, torch_dtype
+from medcap.models.hub import ModelNotFoundError, resolve_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -29,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+DEFAULT_PROMPT = "Write a concise diagnostic caption for this medical image."
 QWEN_MAX_PIXELS = 512 * 28 * 28  # Qwen2.5-VL's default cap; uncapped images exhaust GPU memory
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -102,23 +101,14 @@ class Family:
         """Tokenise rendered ``texts`` with their images, left-padded, as PyTorch tensors."""
         processor.tokenizer.padding_side = "left"
         has_images = images is not None and any(images)
-        bos = processor.tokenizer.bos_token
-        add_special = not (bos and all(t.startswith(bos) for t in texts))  # never a second BOS
         return processor(
             text=texts,
             images=images if has_images else None,
             return_tensors="pt",
             padding=True,
-            add_special_tokens=add_special,
+            add_special_tokens=add_special_tokens(texts, processor.tokenizer.bos_token),
             **kwargs,
         )
-
-
-def render_chat(processor_or_tokenizer: Any, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
-    """``apply_chat_template`` without tokenising; processors and tokenizers alike."""
-    return processor_or_tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
-    )
 
 
 def cap_pixels(processor: Any, max_pixels: int) -> None:
@@ -134,40 +124,6 @@ def cap_pixels(processor: Any, max_pixels: int) -> None:
             ip.max_pixels = max_pixels
         if hasattr(ip, "min_pixels") and size.get("shortest_edge") is not None:
             ip.min_pixels = size["shortest_edge"]
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set now."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def resolve_model(name: str, setting: str) -> str:
-    """A local folder, or a hub id whose config is cached (or reachable when online).
-
-    ``setting`` names the config key where the user can give a local folder instead.
-    """
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelNotFoundError(f"model folder {p} has no config.json; point {setting} at a saved model folder")
-        return str(p)
-    looks_local = p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
-    if looks_local:
-        raise ModelNotFoundError(
-            f"model folder {name!r} does not exist; set {setting} to a folder saved with save_pretrained, "
-            "or to a Hugging Face hub id"
-        )
-    if hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name, "config.json")
-        if not isinstance(cached, str):
-            raise ModelNotFoundError(
-                f"model {name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set. Download it on a "
-                f"connected machine with `huggingface-cli download {name}` and copy the cache here (point HF_HOME "
-                f"at it), or save it to a folder and set {setting} to that path."
-            )
-    return name
 
 
 FAMILIES: dict[str, Family] = {

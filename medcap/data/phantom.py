@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from medcap.problems import InputError, Problem
+from medcap.data.problems import InputError, Problem
 from medcap.runs import atomic_dir
 
 MARKER = "phantom.json"
@@ -338,7 +338,7 @@ def _write_into(root: Path, n: int, seed: int, image_size: int) -> None:
     (root / "cui_mapping.csv").write_bytes(_csv([["CUI", "Name"], *sorted(CUIS.values())]))
     (root / "metadata.csv").write_bytes(_csv(meta))
     info = {
-        "generator": "medcap.phantom",
+        "generator": "medcap.data.phantom",
         "version": 1,
         "n": n,
         "seed": seed,

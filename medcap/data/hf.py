@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from medcap.config import DataConfig
-from medcap.data_formats import RawRow, SplitScan, order_splits, parse_concepts
-from medcap.problems import InputError, Problem
+from medcap.data.formats import RawRow, SplitScan, order_splits, parse_concepts
+from medcap.data.problems import InputError, Problem
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,13 @@
 Three formats (``DataConfig.format``):
 
 - ``imageclef``: the ImageCLEF/ROCO folder (``{split}_captions.csv``, ``{split}_concepts.csv``,
-  images by ID, optional ``metadata.csv`` with the case column); see :mod:`medcap.data_formats`.
+  images by ID, optional ``metadata.csv`` with the case column); see :mod:`medcap.data.formats`.
 - ``manifest``: one CSV or JSONL file with ``id, image, caption[, concepts, group, split]``;
   without a ``split`` column every row is ``train``; image paths are relative to the manifest.
-- ``hf``: a Hugging Face imagefolder directory or hub id; see :mod:`medcap.data_hf`.
+- ``hf``: a Hugging Face imagefolder directory or hub id; see :mod:`medcap.data.hf`.
 
-Every problem is a :class:`~medcap.problems.Problem` with the file and 1-based line (header =
-line 1). ``load_split`` raises one :class:`~medcap.problems.InputError` listing them all, or, with
+Every problem is a :class:`~medcap.data.problems.Problem` with the file and 1-based line (header =
+line 1). ``load_split`` raises one :class:`~medcap.data.problems.InputError` listing them all, or, with
 ``on_error: skip``, drops the bad rows and returns them as ``rejects``. Problems that make a whole
 file unusable (no such file, a required column missing from the header) raise in both modes.
 ``load_split`` only checks that image files exist and are not empty; ``check_dataset`` also
@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from medcap.config import DataConfig
-from medcap.data_formats import (
+from medcap.data.formats import (
     RawRow,
     SplitScan,
     imageclef_splits,
@@ -37,7 +37,7 @@ from medcap.data_formats import (
     read_imageclef,
     read_manifest,
 )
-from medcap.problems import InputError, Problem
+from medcap.data.problems import InputError, Problem
 from medcap.records import Example
 from medcap.runs import write_atomic
 
@@ -66,7 +66,7 @@ def list_splits(cfg: DataConfig) -> list[str]:
         return imageclef_splits(Path(cfg.root))
     if cfg.format == "manifest":
         return manifest_splits(cfg)
-    from medcap.data_hf import hf_splits
+    from medcap.data.hf import hf_splits
 
     return hf_splits(cfg)
 
@@ -170,7 +170,7 @@ def _scan(cfg: DataConfig, split: str) -> SplitScan:
         return read_imageclef(cfg, split)
     if cfg.format == "manifest":
         return read_manifest(cfg, split)
-    from medcap.data_hf import read_hf
+    from medcap.data.hf import read_hf
 
     return read_hf(cfg, split)
 

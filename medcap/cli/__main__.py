@@ -1,0 +1,3 @@
+from medcap.cli import main
+
+main()

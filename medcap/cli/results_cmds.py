@@ -1,0 +1,107 @@
+"""``medcap evaluate``, ``submit``, ``validate`` and ``report``: what a run's captions are worth, and files to hand in."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from medcap.cli import main, output_option, run_config, show, user_errors, verbosity
+from medcap.cli.pipeline_cmds import _command
+
+
+@main.command("evaluate")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--split", "splits", multiple=True, help="Split(s) to score (default: every query split).")
+@click.option("--caption-set", "names", multiple=True, help="Caption set(s) to score (default: all of the run).")
+@click.option("--suite", default=None, help="Metric suite (default: the run's eval.suite), with all its metrics.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override e.g. eval.bertscore_model.")
+@verbosity
+@user_errors
+def evaluate_cmd(run_dir: str, splits, names, suite: str | None, overrides) -> None:
+    """Score a run's caption sets with the organisers' preprocessing (only sets whose captions are up to date)."""
+    from medcap.eval.stage import current_scores, evaluate_run
+    from medcap.pipeline import Pipeline
+
+    cfg = run_config(run_dir, overrides)
+    if suite:
+        cfg.eval.suite, cfg.eval.metrics = suite, None
+    pipe = Pipeline(cfg)
+    for name in names:
+        pipe.caption_set(name)  # an unknown name fails before anything is scored
+    splits = list(splits) or cfg.data.query_splits
+    with pipe.session(_command()):
+        pipe.allowed = {"evaluate"}
+        skipped = evaluate_run(pipe, list(names) or pipe.caption_sets, splits)
+    show.history(pipe)
+    for why in skipped:
+        click.echo(f"  skipped {why}")
+    show.scores(current_scores(pipe, splits))
+
+
+@main.command("submit")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option(
+    "--caption-set", "name", default=None, help="Caption set to submit (default: the run's submit.caption_set)."
+)
+@click.option("--year", type=int, default=None, help="Submission rules of this ImageCLEF year (default: the run's).")
+@click.option("--split", default=None, help="Split to submit (default: test if queried, else the last query split).")
+@output_option("Output file (default: RUN/submissions/NAME.csv).")
+@verbosity
+@user_errors
+def submit_cmd(run_dir: str, name: str | None, year: int | None, split: str | None, output: str | None) -> None:
+    """Write a competition submission file from a run, validated against every rule of the year."""
+    from medcap.eval.stage import write_checked_submission
+    from medcap.pipeline import Pipeline
+
+    pipe = Pipeline(run_config(run_dir))
+    name = name or pipe.submitted
+    year = year or pipe.cfg.submit.year
+    out = Path(output) if output else pipe.run.submission(name)
+    with pipe.session(_command()):
+        pipe.allowed = set()  # the captions must exist: submitting never generates
+        written = write_checked_submission(pipe, name, split or pipe.submit_split, year, out)
+    click.echo(f"wrote {written} (valid for {year})")
+
+
+@main.command("validate")
+@click.argument("submission", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--testset",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="The test set's ID,Caption CSV (or a list of IDs), in ground-truth order.",
+)
+@click.option("--year", type=int, default=2024, show_default=True)
+@verbosity
+@user_errors
+def validate_cmd(submission: str, testset: str, year: int) -> None:
+    """Check a submission file against a test set with every rule of YEAR."""
+    from medcap.eval.submission import read_test_ids, validate_submission
+
+    problems = validate_submission(Path(submission), read_test_ids(Path(testset)), year)
+    for p in problems:
+        click.echo(str(p))
+    if problems:
+        click.echo(f"{len(problems)} problem(s): {submission} would be rejected in {year}", err=True)
+        sys.exit(1)
+    click.echo(f"{submission}: valid for {year}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default=None, help="Split to show (default: the first query split with artifacts).")
+@click.option("--max-images", type=int, default=None, help="Show only the first N images.")
+@output_option("Output HTML file (default: RUN/report.html).")
+@verbosity
+@user_errors
+def report_cmd(run_dir: str, split: str | None, max_images: int | None, output: str | None) -> None:
+    """Write RUN_DIR/report.html: a self-contained gallery of images, neighbours, captions and scores."""
+    from medcap.eval.report import write_report
+    from medcap.pipeline import Pipeline
+
+    pipe = Pipeline(run_config(run_dir))
+    with pipe.session(_command()):
+        path = write_report(Path(run_dir), Path(output) if output else None, split=split, max_images=max_images)
+    click.echo(f"wrote {path}")

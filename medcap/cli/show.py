@@ -1,0 +1,63 @@
+"""What the commands print: the artifacts a command made, the dry-run plan, the scores table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+METRIC_ORDER = ("bertscore", "rouge1", "specificity", "median_rank", "distinct")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Rows of cells as aligned text; the first row is the header, columns in ``right`` right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def history(pipe: Any) -> None:
+    """One line per artifact the command touched: done (made now) or cached (up to date)."""
+    ran = [s for s in pipe.history if s.ran]
+    click.echo(f"{len(ran)} artifact(s) written, {len(pipe.history) - len(ran)} up to date, in {_rel(pipe.run.root)}")
+    width = max((len(s.stage) for s in pipe.history), default=0)
+    for s in pipe.history:
+        click.echo(f"  {'done  ' if s.ran else 'cached'} {s.stage:<{width}}  {_rel(s.artifact)}")
+
+
+def plan(rows: list[tuple]) -> None:
+    """The dry-run plan: each artifact, what would happen to it and why."""
+    body = [["stage", "target", "status", "why", "artifact"]]
+    body += [[stage, " / ".join(map(str, t)) or "-", state, why, _rel(path)] for stage, t, path, state, why in rows]
+    click.echo(table(body))
+    todo = sum(1 for r in rows if r[3] == "run")
+    blocked = sum(1 for r in rows if r[3] == "blocked")
+    click.echo(
+        f"\n{todo} to run, {len(rows) - todo - blocked} up to date" + (f", {blocked} blocked" if blocked else "")
+    )
+
+
+def scores(rows: list[dict]) -> None:
+    """One aligned table: caption set, split, n and every metric (the organisers' preprocessing)."""
+    if not rows:
+        return
+    names = {k for r in rows for k in r} - {"caption_set", "split", "n"}
+    metrics = [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+    body = [["caption set", "split", "n", *metrics]]
+    for r in rows:
+        vals = [f"{r[m]:.4f}" if isinstance(r.get(m), float) else str(r.get(m, "-")) for m in metrics]
+        body.append([r["caption_set"], r["split"], str(r.get("n", "-")), *vals])
+    click.echo("\n" + table(body, right=set(range(2, len(body[0])))))

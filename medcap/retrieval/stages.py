@@ -1,0 +1,162 @@
+"""The retrieval stages: embed every split, index the index split, find each query's neighbours.
+
+``embed`` writes ``embeddings/ENCODER/SPLIT.npy`` (resumable chunks), ``index`` the FAISS index of
+the index split, ``retrieve`` ``neighbours/SPLIT.jsonl`` (resumable): the k nearest index images of
+every query image, never the image itself nor, with ``exclude_same_group``, an image of its case.
+``train_encoder`` is ``medcap train encoder``: contrastive training of the encoder's projections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medcap.config import key_settings
+from medcap.models.hub import model_identity
+from medcap.pipeline import Stage
+from medcap.runs import Manifest, ResumableJsonl, safe_name
+
+if TYPE_CHECKING:
+    from medcap.pipeline import Pipeline
+
+QUERY_CHUNK = 1024  # queries searched and written per batch (the resumable unit)
+
+
+def encoder_of(pipe: Pipeline) -> Any:
+    """The run's encoder, loaded once per process and shared by the stages that need it."""
+    from medcap.retrieval.encoders import load_encoder
+
+    enc = pipe.cfg.retrieval.encoder
+    return pipe.resource(("encoder", enc.name, enc.pretrained, enc.revision), lambda: load_encoder(enc))
+
+
+class Embed(Stage):
+    name = "embed"
+    command = "medcap embed CONFIG"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [(split,) for split in pipe.splits]
+
+    def path(self, pipe: Pipeline, split: str) -> Path:
+        return pipe.run.embeddings(pipe.cfg.retrieval.encoder.name, split)
+
+    def settings(self, pipe: Pipeline, split: str) -> Any:
+        enc = pipe.cfg.retrieval.encoder
+        return key_settings(enc), model_identity(enc.name), model_identity(enc.pretrained), pipe.data_key(split)
+
+    def make(self, pipe: Pipeline, out: Path, key: str, split: str) -> None:
+        from medcap.retrieval.embed import embed_examples
+
+        enc = pipe.cfg.retrieval.encoder
+        embed_examples(enc, pipe.split(split).examples, out, key, encoder=encoder_of(pipe))
+
+
+class Index(Stage):
+    name = "index"
+    command = "medcap index CONFIG"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [()]
+
+    def path(self, pipe: Pipeline) -> Path:
+        return pipe.run.index(pipe.cfg.retrieval.encoder.name)
+
+    def needs(self, pipe: Pipeline) -> list[tuple]:
+        return [("embed", pipe.cfg.data.index_split)]
+
+    def settings(self, pipe: Pipeline) -> Any:
+        return key_settings(pipe.cfg.retrieval.index)
+
+    def make(self, pipe: Pipeline, out: Path, key: str) -> None:
+        from medcap.retrieval.embed import load_embeddings
+        from medcap.retrieval.index import build_index, save_index
+
+        emb = pipe.path("embed", pipe.cfg.data.index_split)
+        ids, vectors = load_embeddings(emb)
+        save_index(build_index(vectors, pipe.cfg.retrieval.index), out)
+        Manifest("index", key, complete=True, inputs=(str(emb),), count=len(ids)).write(out)
+
+
+class Retrieve(Stage):
+    name = "retrieve"
+    command = "medcap retrieve CONFIG"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        return [(split,) for split in pipe.cfg.data.query_splits]
+
+    def path(self, pipe: Pipeline, split: str) -> Path:
+        return pipe.run.neighbours(split)
+
+    def needs(self, pipe: Pipeline, split: str) -> list[tuple]:
+        return [("index",), ("embed", split), ("embed", pipe.cfg.data.index_split)]
+
+    def settings(self, pipe: Pipeline, split: str) -> Any:
+        r = pipe.cfg.retrieval
+        # captions, concepts and cases of the index and the queries' cases come from the data
+        return r.k, r.exclude_same_group, pipe.data_key(pipe.cfg.data.index_split), pipe.data_key(split)
+
+    def make(self, pipe: Pipeline, out: Path, key: str, split: str) -> None:
+        from medcap.retrieval.embed import load_embeddings
+        from medcap.retrieval.index import load_index
+        from medcap.retrieval.neighbours import find_neighbours, neighbour_records
+
+        r, index_split = pipe.cfg.retrieval, pipe.cfg.data.index_split
+        index_path, emb = pipe.path("index"), pipe.path("embed", split)
+        index_ids, _ = load_embeddings(pipe.path("embed", index_split))
+        query_ids, queries = load_embeddings(emb)
+        index_examples = {ex.id: ex for ex in pipe.split(index_split).examples}
+        query_groups = {ex.id: ex.group for ex in pipe.split(split).examples}
+
+        sink = ResumableJsonl(out, "retrieve", key, inputs=(str(index_path), str(emb)))
+        todo = [i for i, qid in enumerate(query_ids) if qid not in sink.done]
+        if todo:
+            index = load_index(index_path, r.index)
+            groups = [index_examples[i].group for i in index_ids]
+            for start in range(0, len(todo), QUERY_CHUNK):
+                rows = todo[start : start + QUERY_CHUNK]
+                ids = [query_ids[i] for i in rows]
+                hits = find_neighbours(
+                    index, index_ids, ids, queries[rows], r.k,
+                    index_groups=groups,
+                    query_groups=[query_groups.get(i) for i in ids],
+                    exclude_same_group=r.exclude_same_group,
+                )  # fmt: skip
+                sink.write([n.to_json() for n in neighbour_records(hits, ids, index_examples)])
+        sink.finish()
+
+
+def train_encoder(pipe: Pipeline, out: Path | None = None) -> tuple[str, Path]:
+    """Train the run's encoder projections on the index split's pairs; returns (``local-dir:`` name, folder).
+
+    Validates on the first captioned query split (else on a 10% hold-out of captions). The image
+    side is left as it is by default, so the cached embeddings and the index stay valid.
+    """
+    from medcap.retrieval.contrastive import train_encoder as fit
+    from medcap.retrieval.embed import load_embeddings
+
+    enc, t, data = pipe.cfg.retrieval.encoder, pipe.cfg.retrieval.encoder_training, pipe.cfg.data
+
+    def pairs(split: str):
+        by_id = {e.id: e for e in pipe.split(split).examples}
+        ids, vectors = load_embeddings(pipe.make("embed", split))
+        keep = [k for k, i in enumerate(ids) if (by_id[i].caption or "").strip()]
+        return [by_id[ids[k]] for k in keep], [by_id[ids[k]].caption for k in keep], vectors[keep]
+
+    images, captions, vectors = pairs(data.index_split)
+    valid = next((p for s in data.query_splits if s != data.index_split and (p := pairs(s))[1]), None)
+    folder = out or pipe.run.root / "models" / f"encoder-{safe_name(enc.name)}"
+    name = fit(
+        enc,
+        images,
+        captions,
+        folder,
+        image_embeddings=vectors,
+        valid=valid,
+        steps=t.steps,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        seed=t.seed,
+        train_text_tower=t.train_text_tower,
+        train_image_projection=t.train_image_projection,
+    )
+    return name, folder
