@@ -1,6 +1,6 @@
 """medcap: diagnostic captions for medical images with a multi-stage ensemble."""
 
-__version__ = "0.1.0"
+from medcap.version import __version__
 
 __all__ = ["Captioner", "caption", "__version__"]
 

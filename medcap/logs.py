@@ -58,7 +58,15 @@ def setup_logging(verbosity: int = 0) -> None:
         console.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         root.addHandler(console)
     console.setLevel(level)
+    console.filters.clear()
+    if verbosity < 2:  # libraries that log to the root logger (open_clip) speak at WARNING and above only
+        console.addFilter(ours_or_warning)
     quiet_libraries(debug=verbosity > 1)
+
+
+def ours_or_warning(record: logging.LogRecord) -> bool:
+    """medcap's own records at any level; everyone else's from WARNING up."""
+    return record.name.startswith("medcap") or record.levelno >= logging.WARNING
 
 
 def quiet_libraries(debug: bool = False) -> None:
@@ -95,7 +103,7 @@ def run_log(root: Path, command: str) -> Iterator[Path]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    handler.addFilter(lambda record: record.name.startswith("medcap") or record.levelno >= logging.WARNING)
+    handler.addFilter(ours_or_warning)
     root_logger = logging.getLogger()
     root_logger.addHandler(handler)
     start = time.time()

@@ -27,12 +27,24 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- atomic files
 
 
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
+
+    The file gets the mode a plain ``open`` would give it (0644 under the usual umask), not the
+    private 0600 of a temporary file: teammates read reports and submissions in shared folders.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -50,7 +62,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private
     try:
         yield tmp
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -161,7 +173,7 @@ class Manifest:
     info: dict[str, Any] | None = None
 
     def write(self, artifact: str | Path) -> None:
-        from medcap import __version__
+        from medcap.version import __version__
 
         write_json(
             manifest_path(artifact),

@@ -11,7 +11,7 @@ import pytest
 from medcap.config import FuserConfig, GenerationConfig, LoraConfig, TrainConfig
 from medcap.fuser.lm import META, LMFuser, fuser_prompt
 from medcap.fuser.lm_train import IGNORE, PATIENCE, FuserCollator, PromptDriftError, train_fuser
-from medcap.generators.clean import clean_caption
+from medcap.models.captions import clean_caption
 from medcap.models.chat import render_chat
 from medcap.models.chat import text_only as text_messages
 from medcap.records import Neighbour, NeighbourList

@@ -2,8 +2,8 @@
 
 import pytest
 
-from medcap.generators.clean import clean_caption
 from medcap.generators.prompts import DEFAULT_PROMPT, build_messages, training_messages
+from medcap.models.captions import clean_caption
 from medcap.records import Neighbour, NeighbourList
 
 

@@ -9,8 +9,9 @@ from PIL import Image
 from tiny_vlms import cached_tiny_vlm
 
 from medcap.config import EngineConfig, GenerationConfig, GeneratorConfig
+from medcap.engines import make_engine
 from medcap.engines.base import Request
-from medcap.engines.ray import image_bytes, make_ray_engine, request_row, row_request
+from medcap.engines.ray import image_bytes, request_row, row_request
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'medcap[ray]')")
 pytest.importorskip("ray.data")
@@ -52,7 +53,7 @@ def test_rows_round_trip_requests(tmp_path):
 def test_ray_engine_needs_known_keys():
     cfg = GeneratorConfig("g", "llava", engine=EngineConfig(extra={"ray": {"workers": 2}}))
     with pytest.raises(ValueError, match="unknown key"):
-        make_ray_engine(cfg.model, cfg.engine, family=cfg.kind)
+        make_engine(cfg.model, cfg.engine, family=cfg.kind)
 
 
 def test_ray_completions_equal_direct_hf_in_order(tmp_path, tmp_path_factory, ray_cluster):
@@ -68,7 +69,7 @@ def test_ray_completions_equal_direct_hf_in_order(tmp_path, tmp_path_factory, ra
         "llava-ray", "llava", model=model, engine=EngineConfig(batch_size=2, device="cpu", extra={"ray": {}})
     )
     cfg.engine.extra["ray"] = {"num_workers": 2, "batch_size": 2, "num_cpus_per_worker": 1}
-    engine = make_ray_engine(cfg.model, cfg.engine, family=cfg.kind)
+    engine = make_engine(cfg.model, cfg.engine, family=cfg.kind)
     assert isinstance(engine.engine_factory, functools.partial)
     got = engine.generate(requests)
 

@@ -119,3 +119,22 @@ def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
         (tmp / "b.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_artifacts_get_the_mode_open_would_give_them(tmp_path):
+    import os
+
+    from medcap.runs import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "report.html", "<html/>")
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "w.bin").write_bytes(b"x")
+        assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)  # a private umask is honoured
+        write_atomic(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

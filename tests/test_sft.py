@@ -12,7 +12,8 @@ from tiny_vlms import make_tiny_vlm
 from medcap.config import DataConfig, GenerationConfig, GeneratorConfig, LoraConfig, TrainConfig
 from medcap.data import load_split
 from medcap.generators.sft_data import IGNORE, PromptDriftError, SFTCollator
-from medcap.generators.train import _load, check_adapter_config, forward_losses, train_generator, verify_adapter
+from medcap.generators.sft_eval import forward_losses
+from medcap.generators.train import _load, check_adapter_config, train_generator, verify_adapter
 from medcap.models.families import Family, get_family
 from medcap.models.training import label_tokens, train_step
 from medcap.records import Neighbour, NeighbourList

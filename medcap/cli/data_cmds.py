@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from medcap.cli import config_argument, load, main, user_errors, verbosity
+from medcap.cli.common import config_argument, load, main, user_errors, verbosity
 from medcap.cli.show import table
 from medcap.config import DataConfig, dump_config
 

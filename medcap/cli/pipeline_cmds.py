@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from medcap.cli import config_argument, config_option, load, main, output_option, show, user_errors, verbosity
+from medcap.cli.common import config_argument, config_option, load, main, output_option, user_errors, verbosity
+from medcap.cli.show import history, plan, relpath, scores
 
 
 def _command() -> str:
@@ -33,11 +34,11 @@ def finish(pipe) -> None:
     """The end of a command that ran stages: what it made, the scores, what was submitted."""
     from medcap.eval.stage import current_scores
 
-    show.history(pipe)
-    show.scores(current_scores(pipe))
+    history(pipe)
+    scores(current_scores(pipe))
     submitted = [s for s in pipe.history if s.stage == "submit"]
     if submitted:
-        click.echo(f"\nsubmitted: {pipe.submitted} -> {show._rel(submitted[-1].artifact)}")
+        click.echo(f"\nsubmitted: {pipe.submitted} -> {relpath(submitted[-1].artifact)}")
 
 
 @main.command("run")
@@ -61,7 +62,7 @@ def run_cmd(config: str, overrides: tuple[str, ...], only, skip, limit: int | No
     wanted = pipe.plan(only, skip)  # unknown stage names fail before anything is written
     report = preflight(pipe, wanted)
     if dry_run:
-        show.plan(pipe.dry_run(only, skip))
+        plan(pipe.dry_run(only, skip))
         report.echo()
         return
     report.raise_if_failed()
@@ -88,7 +89,7 @@ def _stage_command(stage: str, help_text: str, allow: tuple[str, ...]) -> None:
         pipe = pipeline_of(config, overrides)
         with pipe.session(_command()):
             pipe.run_stages(only=[stage], allow=allow)
-        show.history(pipe)
+        history(pipe)
 
     command.__doc__ = help_text
     main.command(stage)(command)
@@ -111,7 +112,7 @@ def fuse_cmd(config: str, overrides: tuple[str, ...]) -> None:
     preflight(pipe, ["train-fuser", "fuse"]).raise_if_failed()
     with pipe.session(_command()):
         pipe.run_stages(only=["train-fuser", "fuse"], allow=list(STAGES))
-    show.history(pipe)
+    history(pipe)
 
 
 @main.group()
@@ -151,7 +152,7 @@ def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...], fold
             pipe.make(
                 "generate", name, pipe.cfg.data.index_split
             )  # trains the fold models, writes out-of-fold candidates
-    show.history(pipe)
+    history(pipe)
     if folds is not None:
         click.echo(
             f"\ncross-fitted {name} in {folds} folds. Later commands must see the same setting: add `folds: {folds}` "
@@ -178,7 +179,7 @@ def train_fuser_cmd(name: str, config: str, overrides: tuple[str, ...]) -> None:
     with pipe.session(_command()):
         pipe.allowed = set(STAGES)
         pipe.make("train-fuser", name)
-    show.history(pipe)
+    history(pipe)
 
 
 @train.command("encoder")
@@ -194,7 +195,7 @@ def train_encoder_cmd(config: str, overrides: tuple[str, ...], output: str | Non
     with pipe.session(_command()):
         pipe.allowed = {"embed"}
         name, folder = train_encoder(pipe, Path(output) if output else None)
-    show.history(pipe)
+    history(pipe)
     click.echo(
         f"trained encoder: {name}\nuse it with --set eval.clip_encoder.name={name} "
         f"(or retrieval.encoder.name); recall in {folder}/medcap_encoder.json"
@@ -223,7 +224,7 @@ def ablate_cmd(config: str, overrides, variants, reference, split) -> None:
     with Pipeline(cfg).session(_command()):  # the ablation table and plot go into the main run folder
         result = run_ablation(cfg, [parse_variant(v) for v in variants] or None, reference, split)
     click.echo(result.table_md.read_text())
-    click.echo(f"wrote {show._rel(result.table_md)} and {show._rel(result.plot)}")
+    click.echo(f"wrote {relpath(result.table_md)} and {relpath(result.plot)}")
 
 
 @main.command("demo")
@@ -242,8 +243,8 @@ def demo_cmd(output: str | None, out_alias: str | None, n: int, overrides: tuple
 
     start = time.time()
     result = run_demo(output or out_alias or "medcap-demo", n=n, overrides=list(overrides))
-    show.scores(result.scores)
-    click.echo(f"\nsubmitted: {result.submitted} -> {show._rel(result.submission)}")
+    scores(result.scores)
+    click.echo(f"\nsubmitted: {result.submitted} -> {relpath(result.submission)}")
     click.echo(f"demo finished in {time.time() - start:.0f} s")
     for label, path in (
         ("run folder", result.run_dir),
@@ -252,4 +253,4 @@ def demo_cmd(output: str | None, out_alias: str | None, n: int, overrides: tuple
         ("report", result.report),
         ("log", result.run_dir / "logs" / "run.log"),
     ):
-        click.echo(f"  {label:<12} {show._rel(path)}")
+        click.echo(f"  {label:<12} {relpath(path)}")

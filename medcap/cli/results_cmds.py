@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from medcap.cli import main, output_option, run_config, show, user_errors, verbosity
+from medcap.cli.common import main, output_option, run_config, user_errors, verbosity
 from medcap.cli.pipeline_cmds import _command
+from medcap.cli.show import history, scores
 
 
 @main.command("evaluate")
@@ -34,10 +35,10 @@ def evaluate_cmd(run_dir: str, splits, names, suite: str | None, overrides) -> N
     with pipe.session(_command()):
         pipe.allowed = {"evaluate"}
         skipped = evaluate_run(pipe, list(names) or pipe.caption_sets, splits)
-    show.history(pipe)
+    history(pipe)
     for why in skipped:
         click.echo(f"  skipped {why}")
-    show.scores(current_scores(pipe, splits))
+    scores(current_scores(pipe, splits))
 
 
 @main.command("submit")

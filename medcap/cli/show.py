@@ -10,7 +10,7 @@ import click
 METRIC_ORDER = ("bertscore", "rouge1", "specificity", "median_rank", "distinct")
 
 
-def _rel(path: Path) -> str:
+def relpath(path: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:
@@ -32,16 +32,18 @@ def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
 def history(pipe: Any) -> None:
     """One line per artifact the command touched: done (made now) or cached (up to date)."""
     ran = [s for s in pipe.history if s.ran]
-    click.echo(f"{len(ran)} artifact(s) written, {len(pipe.history) - len(ran)} up to date, in {_rel(pipe.run.root)}")
+    click.echo(
+        f"{len(ran)} artifact(s) written, {len(pipe.history) - len(ran)} up to date, in {relpath(pipe.run.root)}"
+    )
     width = max((len(s.stage) for s in pipe.history), default=0)
     for s in pipe.history:
-        click.echo(f"  {'done  ' if s.ran else 'cached'} {s.stage:<{width}}  {_rel(s.artifact)}")
+        click.echo(f"  {'done  ' if s.ran else 'cached'} {s.stage:<{width}}  {relpath(s.artifact)}")
 
 
 def plan(rows: list[tuple]) -> None:
     """The dry-run plan: each artifact, what would happen to it and why."""
     body = [["stage", "target", "status", "why", "artifact"]]
-    body += [[stage, " / ".join(map(str, t)) or "-", state, why, _rel(path)] for stage, t, path, state, why in rows]
+    body += [[stage, " / ".join(map(str, t)) or "-", state, why, relpath(path)] for stage, t, path, state, why in rows]
     click.echo(table(body))
     todo = sum(1 for r in rows if r[3] == "run")
     blocked = sum(1 for r in rows if r[3] == "blocked")

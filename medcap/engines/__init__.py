@@ -31,10 +31,15 @@ def make_engine(
     """The engine ``cfg.kind`` names, serving ``model`` (default: the family's); ``owner`` names the config in errors."""
     from medcap.models.families import get_family
 
-    if "ray" in cfg.extra:
+    if "ray" in cfg.extra:  # the same engine in Ray Data actors, each built from the config without `ray`
+        import dataclasses
+        import functools
+
         from medcap.engines.ray import make_ray_engine
 
-        return make_ray_engine(model, cfg, family=family, max_pixels=max_pixels, owner=owner)
+        inner = dataclasses.replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "ray"})
+        build = functools.partial(make_engine, model, inner, family=family, max_pixels=max_pixels, owner=owner)
+        return make_ray_engine(build, cfg.extra["ray"], owner)
     fam = get_family(family) if family else None
     if fam is None and not model:
         raise ValueError(f"{owner}: a text-only engine needs a model name or path")

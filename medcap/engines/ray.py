@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medcap.config import EngineConfig, GenerationConfig
+from medcap.config import GenerationConfig
 from medcap.engines.base import Completion, Engine, Request
 
 log = logging.getLogger(__name__)
@@ -187,25 +186,13 @@ class RayEngine:
 RAY_KEYS = {"num_workers", "batch_size", "num_gpus_per_worker", "num_cpus_per_worker"}
 
 
-def make_ray_engine(
-    model: str | None,
-    cfg: EngineConfig,
-    *,
-    family: str | None = None,
-    max_pixels: int | None = None,
-    owner: str = "engine",
-) -> RayEngine:
-    """A RayEngine for an engine config whose ``extra.ray`` holds the Ray settings.
+def make_ray_engine(build: Callable[[], Any], settings: dict[str, Any], owner: str = "engine") -> RayEngine:
+    """A RayEngine whose actors each serve the engine ``build()`` makes (``make_engine`` without the ``ray`` key).
 
-    The actors serve the config's own engine (``kind``: vllm, hf) built by ``make_engine`` from a
-    copy of the config without the ``ray`` key.
+    ``settings`` is the engine config's ``extra.ray`` mapping.
     """
-    from medcap.engines import make_engine
-
-    settings = dict(cfg.extra.get("ray") or {})
+    settings = dict(settings or {})
     unknown = sorted(set(settings) - RAY_KEYS)
     if unknown:
         raise ValueError(f"{owner}.engine.extra.ray: unknown key(s) {unknown}; known: {sorted(RAY_KEYS)}")
-    inner = dataclasses.replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "ray"})
-    build = functools.partial(make_engine, model, inner, family=family, max_pixels=max_pixels, owner=owner)
     return RayEngine(build, **settings)

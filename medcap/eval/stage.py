@@ -97,12 +97,18 @@ class Evaluate(Stage):
 
 
 def current_scores(pipe: Pipeline, splits: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per caption set and split whose scores are fresh for this config (never a stale file)."""
+    """One row per caption set and split whose scores are fresh for this config and whose captions are
+    still there as scored (never a stale file, never the score of captions that were deleted)."""
     rows = []
     for split in splits or pipe.cfg.data.query_splits:
         for name in pipe.caption_sets:
             out = pipe.run.scores(name, split)
-            if out.is_file() and produced(pipe, name, split) and is_fresh(out, pipe.key("evaluate", name, split)):
+            if (
+                out.is_file()
+                and produced(pipe, name, split)
+                and is_fresh(out, pipe.key("evaluate", name, split))
+                and pipe.fresh(*pipe.caption_need(name, split))
+            ):
                 s = read_json(out)
                 rows.append({"caption_set": name, "split": split, "n": s.get("n"), **s.get("metrics", {})})
     return rows

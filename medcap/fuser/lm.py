@@ -1,27 +1,21 @@
-"""The LM-Fuser's prompt and inference: a small causal LM, fine-tuned on (candidates -> reference), writes the caption.
+"""The LM-Fuser: a small causal LM, fine-tuned on (candidates -> reference) (``lm_train``), writes the caption.
 
-``fuser_prompt`` is the one prompt builder, shared by training (``lm_train``, with an ``rng`` that
-shuffles the candidates' order so the model cannot learn to trust a position) and inference
-(candidates sorted by generator name). Both render it with the tokenizer's chat template through
-``render_chat(tokenizer, text_only(...))``, the formatting the ``hf`` engine applies.
-``LMFuser`` loads ``out_dir/final`` of a training run (a full model, or a LoRA adapter over the
+Its prompt is ``lm_prompt.fuser_prompt``. ``LMFuser`` loads ``out_dir/final`` of a training run (a full model, or a LoRA adapter over the
 base model named in ``medcap_fuser.json``) and decodes in batches with left padding.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import FuserConfig, key_settings
 from medcap.engines.base import Engine, Request
 from medcap.fuser import Fuse, FuserKind
-from medcap.generators.clean import clean_caption
-from medcap.generators.prompts import one_line
-from medcap.models.hub import ModelNotFoundError, model_identity
+from medcap.fuser.lm_prompt import META, fuser_prompt, read_meta
+from medcap.models.captions import clean_caption
+from medcap.models.hub import model_identity
 from medcap.records import Candidate, NeighbourList
 
 if TYPE_CHECKING:
@@ -29,55 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-META = "medcap_fuser.json"  # written beside the fuser's weights: config, steps, best validation loss
-SYSTEM = "You merge candidate captions of a medical image into one concise diagnostic caption."
-INSTRUCTION = "Write the single best diagnostic caption for this image. Answer with the caption only."
+__all__ = ["LM", "META", "LMFuser", "LMKind", "fuser_prompt"]
 
-Item = tuple[str, dict[str, str], NeighbourList | None]  # image ID, {generator: caption}, neighbours
-
-
-def _text(text: str) -> dict[str, str]:
-    return {"type": "text", "text": text}
-
-
-def fuser_prompt(
-    candidates: dict[str, str],
-    neighbours: NeighbourList | None,
-    cfg: FuserConfig,
-    *,
-    rng: random.Random | None = None,
-) -> list[dict[str, Any]]:
-    """Chat messages (one text part each) showing every candidate, labelled by its generator.
-
-    Only ``cfg.candidates`` are shown when that list is set. Without ``rng`` the candidates come
-    sorted by generator name; with it (training) in a random order.
-    """
-    wanted = set(cfg.candidates)
-    pairs = [(n, one_line(c)) for n, c in candidates.items() if (not wanted or n in wanted) and c and c.strip()]
-    pairs.sort()
-    if rng is not None:
-        rng.shuffle(pairs)
-    parts = ["Candidate captions:\n" + ("\n".join(f"[{n}] {c}" for n, c in pairs) or "(none)")]
-    if cfg.use_neighbours and neighbours is not None:
-        caps = [one_line(n.caption) for n in neighbours.neighbours if n.id != neighbours.id and n.caption]
-        caps = [c for c in caps if c][: max(cfg.k, 0)]
-        if caps:
-            parts.append("Captions of similar images:\n" + "\n".join(f"- {c}" for c in caps))
-    parts.append(INSTRUCTION)
-    return [
-        {"role": "system", "content": [_text(SYSTEM)]},
-        {"role": "user", "content": [_text("\n\n".join(parts))]},
-    ]
-
-
-def read_meta(model_dir: Path) -> dict[str, Any]:
-    """The ``medcap_fuser.json`` of a trained fuser folder; ModelNotFoundError when it is missing."""
-    path = Path(model_dir) / META
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"{model_dir} is not a trained LM-Fuser (no {META}); train one with `medcap train fuser NAME -c CONFIG`"
-        )
-    return json.loads(path.read_text())
+Item = tuple[str, dict[str, str], NeighbourList | None]  # image ID, {caption set: caption}, neighbours
 
 
 class LMFuser:
@@ -145,9 +93,9 @@ class LMKind(FuserKind):
         return [("train-fuser", cfg.name)] + ([("retrieve", split)] if cfg.use_neighbours else [])
 
     def train(self, pipe: Pipeline, cfg: FuserConfig, out: Path) -> None:
+        from medcap.data.folds import holdout
         from medcap.fuser.leakage import check_fuser_inputs
         from medcap.fuser.lm_train import train_fuser
-        from medcap.generators.stage import holdout
 
         split = cfg.train_split
         examples = pipe.split(split).examples

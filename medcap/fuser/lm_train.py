@@ -24,8 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import FuserConfig
-from medcap.fuser.lm import META, fuser_prompt
+from medcap.config import FuserConfig, key_settings
+from medcap.fuser.lm_prompt import META, fuser_prompt
 from medcap.models import training
 from medcap.models.chat import (
     IGNORE,
@@ -118,7 +118,7 @@ def _fingerprint(cfg: FuserConfig, train: Sequence[TrainItem]) -> str:
     h = hashlib.sha256()
     for cands, nl, ref in train:
         h.update(json.dumps([sorted(cands.items()), nl.to_json() if nl else None, ref]).encode())
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("engine", "generation", "name")}
+    settings = {k: v for k, v in key_settings(cfg).items() if k not in ("engine", "generation", "name")}
     return json.dumps({"settings": settings, "data": h.hexdigest()}, sort_keys=True)
 
 

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig, key_settings
-from medcap.data import load_image
 from medcap.engines.base import Engine, Request
-from medcap.generators.clean import clean_caption
 from medcap.generators.kind import Generator, GeneratorKind, Item
-from medcap.generators.prompts import build_messages
+from medcap.generators.prompts import mllm_request
+from medcap.models.captions import clean_caption
 from medcap.models.families import get_family
 from medcap.models.hub import model_identity
 from medcap.records import Candidate, Example, NeighbourList
@@ -61,32 +60,7 @@ class MLLMGenerator:
 
     def request(self, example: Example, neighbours: NeighbourList | None) -> Request:
         """The engine request for one image."""
-        cfg = self.cfg
-        shot_images = cfg.mode == "few-shot" and cfg.shot_images
-        messages, with_images = build_messages(
-            cfg.mode,
-            neighbours=neighbours,
-            k=cfg.k,
-            instruction=cfg.prompt or self.family.default_prompt,
-            shot_images=shot_images,
-            query_id=example.id,
-            max_images=self.family.max_images,
-        )
-        missing = [nid for nid in with_images if nid not in self.index_examples]
-        if missing:
-            raise ValueError(
-                f"generator {cfg.name!r}: shot_images needs the index split's examples to load neighbour images; "
-                f"missing {missing[:5]} (pass index_examples)"
-            )
-        images: list[Any] = [load_image(self.index_examples[nid]) for nid in with_images]
-        images.append(load_image(example))
-        return Request(
-            id=example.id,
-            messages=tuple(messages),
-            images=tuple(images),
-            adapter=self.adapter,
-            params=cfg.generation,
-        )
+        return mllm_request(self.cfg, example, neighbours, adapter=self.adapter, index_examples=self.index_examples)
 
     def __call__(self, items: list[tuple[Example, NeighbourList | None]]) -> list[Candidate]:
         """One candidate per example, in order."""

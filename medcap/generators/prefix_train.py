@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ FINAL = "model"
 
 def _clean(captions: list[str]) -> list[str]:
     try:
-        from medcap.generators.clean import clean_caption
+        from medcap.models.captions import clean_caption
     except ImportError:
         return [(c or "").strip() for c in captions]
     return [clean_caption(c or "") for c in captions]
@@ -132,7 +131,7 @@ def train_prefix(
     training.seed_everything(tc.seed)
     mcfg = _model_config(cfg, embeds.shape[1])
     model = PrefixCaptioner.build(mcfg, dtype=_lm_dtype(tc.precision), device=cfg.engine.device)
-    fingerprint = json.dumps({"model": mcfg.to_json(), "train": asdict(tc), "n": len(captions)}, sort_keys=True)
+    fingerprint = json.dumps({"model": mcfg.to_json(), "train": key_settings(tc), "n": len(captions)}, sort_keys=True)
 
     def batch(idx: list[int], m: int) -> tuple[Any, Any, Any]:
         ids, mask = model.encode_captions([captions[i] for i in idx])

@@ -9,11 +9,15 @@ images interleaved as examples before the query image.
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from medcap.models.captions import one_line
 from medcap.models.families import DEFAULT_PROMPT
-from medcap.records import NeighbourList
+from medcap.records import Example, NeighbourList
+
+if TYPE_CHECKING:
+    from medcap.engines.base import Request
 
 MODES = ("zero-shot", "sft", "few-shot")
 
@@ -25,11 +29,6 @@ def _text(text: str) -> dict[str, str]:
 
 
 IMAGE: dict[str, str] = {"type": "image"}
-
-
-def one_line(caption: str) -> str:
-    """A caption on one line with collapsed whitespace."""
-    return re.sub(r"\s+", " ", caption).strip()
 
 
 def shots(neighbours: NeighbourList | None, k: int | None, query_id: str | None) -> list[tuple[str, str]]:
@@ -87,3 +86,44 @@ def build_messages(
 def training_messages(messages: list[Message], caption: str) -> list[Message]:
     """``messages`` plus the assistant turn holding the reference caption."""
     return [*messages, {"role": "assistant", "content": [_text(one_line(caption))]}]
+
+
+def mllm_request(
+    cfg: Any,
+    example: Example,
+    neighbours: NeighbourList | None,
+    *,
+    adapter: str | None = None,
+    index_examples: Mapping[str, Example] | None = None,
+) -> Request:
+    """The engine request of a multimodal generator (``GeneratorConfig``) for one image: messages and images.
+
+    Training (``sft_data``) and inference (``MLLMGenerator``) both build their prompts here. Few-shot
+    prompts with ``shot_images`` show the neighbours' images, read from ``index_examples``.
+    """
+    from medcap.data import load_image
+    from medcap.engines.base import Request
+    from medcap.models.families import get_family
+
+    family = get_family(cfg.kind)
+    messages, with_images = build_messages(
+        cfg.mode,
+        neighbours=neighbours,
+        k=cfg.k,
+        instruction=cfg.prompt or family.default_prompt,
+        shot_images=cfg.mode == "few-shot" and cfg.shot_images,
+        query_id=example.id,
+        max_images=family.max_images,
+    )
+    index_examples = index_examples or {}
+    missing = [nid for nid in with_images if nid not in index_examples]
+    if missing:
+        raise ValueError(
+            f"generator {cfg.name!r}: shot_images needs the index split's examples to load neighbour images; "
+            f"missing {missing[:5]} (pass index_examples)"
+        )
+    images: list[Any] = [load_image(index_examples[nid]) for nid in with_images]
+    images.append(load_image(example))
+    return Request(
+        id=example.id, messages=tuple(messages), images=tuple(images), adapter=adapter, params=cfg.generation
+    )

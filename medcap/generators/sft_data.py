@@ -1,6 +1,6 @@
 """LoRA SFT data: (example, neighbours) pairs as chat sequences whose loss covers the caption only.
 
-The prompt of a training sequence is built exactly as at inference: ``MLLMGenerator.request``
+The prompt of a training sequence is built exactly as at inference: ``prompts.mllm_request``
 (``prompts.build_messages`` plus the same images in the same order) rendered by ``Family.render``.
 The training text is the same messages plus the assistant turn (``prompts.training_messages``).
 The collator tokenises the batch with the processor (images included, right padding) and sets
@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig
 from medcap.data.problems import InputError, Problem
-from medcap.generators.mllm import MLLMGenerator
-from medcap.generators.prompts import training_messages
+from medcap.generators.prompts import mllm_request, training_messages
 from medcap.models.chat import (
     IGNORE,
     PromptDriftError,
@@ -73,15 +72,18 @@ class SFTCollator:
         self.family = family
         self.processor = processor
         self.max_length = max_length
-        # The inference generator builds the prompt; its engine is never used here.
-        self.builder = MLLMGenerator(cfg, None, index_examples=index_examples)  # type: ignore[arg-type]
+        self.cfg = cfg
+        self.index_examples = index_examples
         self.stop_ids = stop_ids(processor.tokenizer, eos_ids)
         self.truncated = 0
         self.seen = 0
 
     def requests(self, pairs: Sequence[Pair]) -> list[Request]:
         """The inference requests (messages and images) for ``pairs``."""
-        return [self.builder.request(ex, nl) for ex, nl in pairs]
+        return [
+            mllm_request(self.cfg, ex, nl, adapter=self.cfg.adapter, index_examples=self.index_examples)
+            for ex, nl in pairs
+        ]
 
     def texts(self, request: Request, caption: str) -> tuple[str, str]:
         """(generation prompt, training text) of one request; the second extends the first."""

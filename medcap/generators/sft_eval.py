@@ -1,4 +1,4 @@
-"""Validation during LoRA SFT: mean caption-token loss and the ROUGE-1 of greedy captions.
+"""The LoRA SFT forward pass, and validation: mean caption-token loss and the ROUGE-1 of greedy captions.
 
 The captions come from the in-memory model, prompted with the same requests the collator trains
 on (``Family.render`` + ``Family.encode``) and decoded as the ``hf`` engine does (greedy, cut at
@@ -10,10 +10,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig
 from medcap.generators.sft_data import Pair, SFTCollator
+from medcap.models.training import token_losses
+
+if TYPE_CHECKING:
+    import torch
+
+
+def forward_losses(model: Any, batch: dict[str, Any], device: str, bf16: bool, gamma: float) -> torch.Tensor:
+    """Per-token losses of one collated batch (bf16 autocast when ``bf16``)."""
+    import torch
+
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    pv = inputs.get("pixel_values")
+    if pv is not None and pv.is_floating_point():
+        inputs["pixel_values"] = pv.to(model.dtype)
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**inputs).logits
+    return token_losses(logits, batch["labels"], gamma)
+
+
+# --------------------------------------------------------------------------- the recipe
 
 
 def validate(
@@ -23,7 +43,6 @@ def validate(
     import torch
 
     from medcap.eval.metrics import rouge1
-    from medcap.generators.train import forward_losses
 
     tc = cfg.train
     model.eval()
@@ -48,7 +67,7 @@ def greedy_captions(
     import torch
 
     from medcap.engines.hf import generate_kwargs
-    from medcap.generators.clean import clean_caption
+    from medcap.models.captions import clean_caption
 
     family, processor = collator.family, collator.processor
     params = replace(cfg.generation, num_beams=1, do_sample=False)

@@ -15,12 +15,12 @@ so the fuser's leakage guard can check the claim from the files.
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig, config_hash
+from medcap.data.folds import group_folds, holdout
 from medcap.generators import Item, generator_kind
 from medcap.logs import progress
 from medcap.pipeline import Stage
@@ -32,29 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRAIN_IDS = "train_ids.json"  # beside every trained model: the image IDs it learned from
-
-
-def holdout(items: list[Item], seed: int, frac: float = 0.1) -> tuple[list[Item], list[Item]]:
-    """Split items into train and a small validation part, by case so that no case is in both."""
-    n_groups = len({ex.group or ex.id for ex, _ in items})
-    if n_groups < 2:
-        return items, []
-    folds = group_folds(items, min(n_groups, max(2, round(1 / frac))), seed)
-    held = set(folds[0])
-    return [it for it in items if it[0].id not in held], [it for it in items if it[0].id in held]
-
-
-def group_folds(items: list[Item], k: int, seed: int) -> list[list[str]]:
-    """K lists of image IDs, cut by case (``Example.group``, else the image itself), seeded."""
-    groups = sorted({ex.group or ex.id for ex, _ in items})
-    if len(groups) < k:
-        raise ValueError(f"cannot cut {len(groups)} case(s) into {k} folds")
-    random.Random(seed).shuffle(groups)
-    fold_of = {g: i % k for i, g in enumerate(groups)}
-    folds: list[list[str]] = [[] for _ in range(k)]
-    for ex, _ in items:
-        folds[fold_of[ex.group or ex.id]].append(ex.id)
-    return folds
 
 
 def crossfitted(pipe: Pipeline, cfg: GeneratorConfig, split: str) -> bool:

@@ -20,18 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig, LoraConfig
+from medcap.config import GeneratorConfig, LoraConfig, key_settings
 from medcap.configio import config_hash, to_dict
 from medcap.generators.sft_data import Pair, SFTCollator, check_pairs
-from medcap.generators.sft_eval import validate
+from medcap.generators.sft_eval import forward_losses, validate
 from medcap.models import training
 from medcap.models.chat import eos_ids
 from medcap.models.families import Family, cap_pixels, get_family, resolve_device, resolve_model
-from medcap.models.training import label_tokens, token_losses
+from medcap.models.training import label_tokens
 from medcap.runs import write_json
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +152,6 @@ def _load_4bit(cfg: GeneratorConfig, family: Family) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- loss and steps
 
 
-def forward_losses(model: Any, batch: dict[str, Any], device: str, bf16: bool, gamma: float) -> torch.Tensor:
-    """Per-token losses of one collated batch (bf16 autocast when ``bf16``)."""
-    import torch
-
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    pv = inputs.get("pixel_values")
-    if pv is not None and pv.is_floating_point():
-        inputs["pixel_values"] = pv.to(model.dtype)
-    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-        logits = model(**inputs).logits
-    return token_losses(logits, batch["labels"], gamma)
-
-
-# --------------------------------------------------------------------------- the recipe
-
-
 def train_generator(
     cfg: GeneratorConfig,
     train: list[Pair],
@@ -206,7 +190,7 @@ def train_generator(
     collator, val_collator = make(), make()
     fingerprint = config_hash(
         to_dict(cfg.lora),
-        to_dict(tc) | {"eval_every": 0, "save_every": 0},
+        key_settings(tc),
         cfg.model,
         cfg.kind,
         cfg.mode,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from medcap.models.devices import resolve_device, torch_dtype
 from medcap.models.hub import ModelNotFoundError
+from medcap.runs import umask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -82,7 +83,7 @@ def _build_dense_copy(spec: GgufLM, target: Path) -> None:
     model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -7,7 +7,7 @@ as a folder); :func:`fit` does the rest the same way for all three:
 - a seeded data order: micro-batch ``m`` is a fixed slice of epoch ``m // per_epoch``'s permutation,
   so it depends on (seed, m) alone and a resumed run sees the same batches;
 - gradient accumulation with the loss averaged over every counted token of the window;
-- AdamW, linear warmup and decay (transformers' schedule), gradient clipping;
+- AdamW, linear warmup and decay, gradient clipping;
 - validation every ``eval_every`` steps: the model with the lowest ``val_loss`` is kept in ``best/``,
   and training stops after ``patience`` validations without improvement when a patience is given;
 - an atomic checkpoint (trainable weights, optimiser, scheduler, RNG states, loop state) every
@@ -103,6 +103,20 @@ def total_steps(tc: TrainConfig, n: int) -> int:
     """Optimiser steps of a training: ``max_steps``, else ``epochs`` over ``n`` examples."""
     per_epoch = math.ceil(n / max(tc.batch_size, 1))
     return tc.max_steps or max(1, math.ceil(tc.epochs * per_epoch / max(tc.grad_accum, 1)))
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor of step ``s``: linear warmup over ``warmup`` steps, then linear decay to 0.
+
+    The first step already learns ((s + 1) / (warmup + 1)), so even a one-step run moves the weights.
+    """
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(0.0, (total - s) / max(1, total - warmup))
+
+    return factor
 
 
 def seed_everything(seed: int) -> None:
@@ -250,7 +264,6 @@ def fit(
     the final folder does not exist yet; calling again resumes.
     """
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     from medcap.logs import progress
 
@@ -261,7 +274,7 @@ def fit(
     total = total_steps(tc, recipe.n)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, math.ceil(tc.warmup_ratio * total), total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(int(tc.warmup_ratio * total), total))
 
     state = LoopState()
     found = checkpoints(out_dir)

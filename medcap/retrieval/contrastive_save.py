@@ -56,8 +56,6 @@ def save_encoder_folder(encoder: Encoder, cfg: EncoderConfig, out_dir: Path, rep
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
         write_json(tmp / "open_clip_config.json", config)
         write_json(tmp / REPORT, report)
-        for f in tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)  # write_atomic makes private (0600) files
     log.info("saved encoder to %s", out_dir)
     return f"local-dir:{out_dir}"
 

@@ -14,8 +14,7 @@ from typing import Any
 
 from medcap.config import SynthesizerConfig
 from medcap.engines.base import Engine, Request
-from medcap.generators.clean import clean_caption
-from medcap.generators.prompts import one_line
+from medcap.models.captions import clean_caption, one_line
 from medcap.records import Candidate, Example, NeighbourList
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Turn a raw model output into one caption: no echoed roles, preambles, markdown or alternatives."""
+"""Caption text shared by every caption set: raw model output cleaned into one caption, captions on one line."""
 
 from __future__ import annotations
 
@@ -60,3 +60,8 @@ def clean_caption(text: str) -> str:
     if first[-1] not in ".!?":
         first = first.rstrip(",;:-– ") + "."
     return first
+
+
+def one_line(caption: str) -> str:
+    """A caption on one line with collapsed whitespace."""
+    return re.sub(r"\s+", " ", caption).strip()

@@ -1,0 +1,3 @@
+"""medcap's version, in a module of its own so anything can read it without importing the package's API."""
+
+__version__ = "0.1.0"
