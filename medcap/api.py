@@ -55,14 +55,13 @@ class Captioner:
         self.cfg = config if isinstance(config, RunConfig) else load_config(resolve_config(config), list(overrides))
         source = Pipeline(self.cfg)
         self.final = caption_set or generator or source.submitted
-        self.needed = _made_from(source, self.final)
-        if train:  # the models the ensemble needs: made from the config where missing
+        source.caption_set(self.final)  # an unknown name fails before any work
+        if train:  # the models of the ensemble, made from the config where missing
             with source.session("medcap api: train"):
                 source.allowed = None
                 for stage in TRAINED:
                     for t in get_stage(stage).targets(source):
-                        if stage == "index" or t[0] in self.needed:
-                            source.make(stage, *t)
+                        source.make(stage, *t)
         scratch = copy.deepcopy(self.cfg)
         scratch.runs_dir, scratch.name = str(source.run.root), "api"
         self.pipeline = Pipeline(scratch, peers=[source.run.root])
@@ -91,7 +90,7 @@ class Captioner:
         pipe.history.clear()
         with pipe.session("medcap api: caption"):
             pipe.allowed = set(USES)
-            sets = {name: pipe.captions(name, SPLIT) for name in pipe.caption_sets if name in self.needed}
+            sets = {name: pipe.captions(name, SPLIT) for name in pipe.caption_sets}
         return [
             Captions(ex.id, sets[self.final][ex.id], {name: caps[ex.id] for name, caps in sets.items()})
             for ex in examples
@@ -107,10 +106,6 @@ def caption(
 ) -> list[str]:
     """Caption images with the ensemble of ``config`` (one call; keep a ``Captioner`` to caption many times)."""
     return Captioner(config, caption_set, **kw)(images)
-
-
-def _made_from(pipe: Any, name: str) -> set[str]:
-    return {name}.union(*(_made_from(pipe, i) for i in pipe.inputs_of(name)))
 
 
 def _as_source(image: Any) -> Path | bytes:
