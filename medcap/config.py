@@ -158,9 +158,9 @@ class GeneratorConfig:
     """One candidate writer. ``kind`` picks the implementation from the generators registry."""
 
     name: str = "nearest"  # the folder under candidates/
-    kind: str = "nearest"  # nearest | consensus | llava | qwen2_5_vl | medgemma | smolvlm | prefix
-    similarity: str = "rouge1"  # consensus: rouge1 | embedding
-    k: int | None = None  # consensus: neighbours to consider; few-shot: examples shown (default: all retrieved)
+    kind: str = "nearest"  # nearest | consensus | constant | llava | qwen2_5_vl | medgemma | smolvlm | prefix
+    similarity: str = "rouge1"  # consensus, constant: rouge1 | embedding | bertscore
+    k: int | None = None  # consensus: neighbours considered; few-shot: examples shown; constant: captions sampled
     model: str | None = None  # hub id or local path (default: the family's)
     mode: str = "zero-shot"  # zero-shot | sft | few-shot
     adapter: str | None = None  # LoRA adapter folder; sft default: the run's trained adapter for this generator

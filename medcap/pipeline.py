@@ -132,11 +132,18 @@ class Pipeline:
         if name not in self._splits:
             data = load_split(self.cfg.data, name)
             if self.cfg.data.limit is not None:
-                data = SplitData(data.split, data.examples[: self.cfg.data.limit], data.rejects)
+                n = self.cfg.data.limit
+                data = SplitData(data.split, data.examples[:n], data.rejects, data.ids[:n], data.skipped)
             if data.rejects:
                 path = self.run.rejects(name)
                 write_rejects(path, data.rejects)
-                log.warning("%s: skipped %d bad row(s); see %s", name, len(data.rejects), path)
+                log.warning(
+                    "split %s: skipped %d bad row(s) (%d problem(s)); every problem is in %s",
+                    name,
+                    data.skipped,
+                    len(data.rejects),
+                    path,
+                )
             self._splits[name] = data
         return self._splits[name]
 

@@ -101,6 +101,10 @@ def check_data(pipe: Pipeline, report: Report) -> None:
             report.add(f"data split {split!r}", False, str(e).replace("\n", "\n    "))
             continue
         report.add(f"data split {split!r}", n > 0, f"{n} images" if n else "no usable images")
+    from medcap.data import unreferenced_images
+
+    for warning in unreferenced_images(pipe.cfg.data, _splits(pipe)):
+        report.add("data", False, warning, fatal=False)
 
 
 # --------------------------------------------------------------------------- models

@@ -38,9 +38,13 @@ def data_check(data_dir: str, fmt: str, splits: tuple[str, ...], group_column: s
     if image_dirs:
         cfg.image_dirs = list(image_dirs)
     wanted = list(splits) or list_splits(cfg)
+    from medcap.data import unreferenced_images
+
     problems = check_dataset(cfg, wanted)
     for p in problems:
         click.echo(str(p))
+    for warning in unreferenced_images(cfg, wanted):
+        click.echo(f"warning: {warning}")
     if problems:
         click.echo(f"{len(problems)} problem(s) in {data_dir} (splits: {', '.join(wanted)})", err=True)
         sys.exit(1)

@@ -36,9 +36,15 @@ def finish(pipe) -> None:
 
     history(pipe)
     scores(current_scores(pipe))
+    from medcap.runs import Manifest
+
     submitted = [s for s in pipe.history if s.stage == "submit"]
     if submitted:
-        click.echo(f"\nsubmitted: {pipe.submitted} -> {relpath(submitted[-1].artifact)}")
+        out = submitted[-1].artifact
+        info = (Manifest.read(out) or Manifest("submit", "")).info or {}
+        click.echo(f"\nsubmitted: {pipe.submitted} -> {relpath(Path(info.get('upload', out)))}")
+        for image, how in (info.get("fallbacks") or {}).items():
+            click.echo(f"  fallback {image}: {how}")
 
 
 @main.command("run")

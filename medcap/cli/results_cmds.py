@@ -62,8 +62,10 @@ def submit_cmd(run_dir: str, name: str | None, year: int | None, split: str | No
     out = Path(output) if output else pipe.run.submission(name)
     with pipe.session(_command()):
         pipe.allowed = set()  # the captions must exist: submitting never generates
-        written = write_checked_submission(pipe, name, split or pipe.submit_split, year, out)
+        written, fallbacks = write_checked_submission(pipe, name, split or pipe.submit_split, year, out)
     click.echo(f"wrote {written} (valid for {year})")
+    for image, how in fallbacks.items():
+        click.echo(f"  fallback {image}: {how}")
 
 
 @main.command("validate")

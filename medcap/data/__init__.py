@@ -4,7 +4,15 @@
 line), ``check_dataset`` validates a whole data set, ``load_image`` decodes an example's image.
 """
 
-from medcap.data.load import SplitData, check_dataset, list_splits, load_image, load_split, write_rejects
+from medcap.data.load import (
+    SplitData,
+    check_dataset,
+    list_splits,
+    load_image,
+    load_split,
+    unreferenced_images,
+    write_rejects,
+)
 from medcap.data.problems import InputError, Problem
 
 __all__ = [
@@ -15,5 +23,6 @@ __all__ = [
     "list_splits",
     "load_image",
     "load_split",
+    "unreferenced_images",
     "write_rejects",
 ]

@@ -30,6 +30,7 @@ from PIL import Image
 
 from medcap.config import DataConfig
 from medcap.data.formats import (
+    IMAGE_EXTS,
     RawRow,
     SplitScan,
     imageclef_splits,
@@ -54,6 +55,12 @@ class SplitData:
     split: str
     examples: list[Example]
     rejects: list[Problem] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # every ID the split's files name, skipped rows too, in order
+    skipped: int = 0  # rows dropped (on_error: skip)
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            self.ids = [ex.id for ex in self.examples]
 
 
 # --------------------------------------------------------------------------- public API
@@ -85,16 +92,9 @@ def load_split(cfg: DataConfig, split: str) -> SplitData:
         for r in scan.rows
         if not r.problems
     ]
-    if problems:
-        log.warning(
-            "%s: skipped %d bad row(s); %d problem(s), e.g. %s",
-            where,
-            len(scan.rows) - len(examples),
-            len(problems),
-            problems[0],
-        )
+    ids = list(dict.fromkeys(r.id for r in scan.rows if r.id))
     log.info("%s: %d examples", where, len(examples))
-    return SplitData(split, examples, problems)
+    return SplitData(split, examples, problems, ids, skipped=len(scan.rows) - len(examples))
 
 
 def check_dataset(cfg: DataConfig, splits: list[str] | None = None) -> list[Problem]:
@@ -123,6 +123,30 @@ def check_dataset(cfg: DataConfig, splits: list[str] | None = None) -> list[Prob
                 )
             seen.setdefault(row.id, (split, row))
     return _sorted(list(dict.fromkeys(found)))  # metadata.csv problems are found once per split
+
+
+def unreferenced_images(cfg: DataConfig, splits: list[str]) -> list[str]:
+    """Warnings for image files in the data set's image folders that no row of any split names."""
+    if cfg.format != "imageclef":
+        return []
+    named: set[Path] = set()
+    folders: set[Path] = set()
+    for split in splits:
+        try:
+            scan = _scan(cfg, split)
+        except InputError:
+            continue
+        for row in scan.rows:
+            if isinstance(row.image, Path):
+                named.add(row.image.resolve())
+                folders.add(row.image.parent.resolve())
+    out = []
+    for folder in sorted(folders):
+        extra = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.resolve() not in named)
+        if extra:
+            shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+            out.append(f"{folder}: {len(extra)} image(s) that no row of {', '.join(splits)} names ({shown})")
+    return out
 
 
 def load_image(example: Example) -> Image.Image:

@@ -150,21 +150,63 @@ class Submit(Stage):
         return [pipe.caption_need(name, split)]
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
-        return pipe.cfg.submit.year, split, pipe.data_key(split)
+        # every ID the split's files name (skipped rows too), and the seed of the fallback caption
+        return pipe.cfg.submit.year, split, pipe.data_key(split), pipe.split(split).ids, pipe.cfg.seed
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
-        write_checked_submission(pipe, name, split, pipe.cfg.submit.year, out)
-        Manifest("submit", key, complete=True, info={"year": pipe.cfg.submit.year, "split": split}).write(out)
+        written, fallbacks = write_checked_submission(pipe, name, split, pipe.cfg.submit.year, out)
+        info = {"year": pipe.cfg.submit.year, "split": split, "upload": str(written), "fallbacks": fallbacks}
+        Manifest("submit", key, complete=True, count=len(pipe.split(split).ids), info=info).write(out)
 
 
-def write_checked_submission(pipe: Pipeline, name: str, split: str, year: int, out: Path) -> Path:
-    """Write the submission file of ``name``'s captions for ``split`` and validate it with ``year``'s rules."""
+def write_checked_submission(pipe: Pipeline, name: str, split: str, year: int, out: Path) -> tuple[Path, dict]:
+    """Write ``name``'s captions for every ID of ``split`` and validate the file with ``year``'s rules.
+
+    The file always covers the whole split as its files name it: an image that was skipped (unreadable)
+    or has no caption gets a fallback (see :func:`fallback_captions`), listed in the returned
+    ``{id: how}`` and in ``SUBMISSION.fallbacks.json``. Returns (file written, fallbacks).
+    """
     from medcap.data.problems import InputError
     from medcap.eval.submission import validate_submission, write_submission
 
-    order = [ex.id for ex in pipe.split(split).examples]
-    written = write_submission(pipe.captions(name, split), out, year, order=order)
+    order = pipe.split(split).ids
+    captions = pipe.captions(name, split)
+    missing = [i for i in order if not (captions.get(i) or "").strip()]
+    fallbacks = fallback_captions(pipe, split, missing) if missing else {}
+    captions = {**captions, **{i: caption for i, (caption, _) in fallbacks.items()}}
+    written = write_submission(captions, out, year, order=order)
     problems = validate_submission(written, order, year)
     if problems:
         raise InputError(problems, f"{written}: the submission written fails the {year} rules")
-    return written
+    side = out.with_name(out.stem + ".fallbacks.json")
+    if fallbacks:
+        write_json(side, {i: {"caption": c, "from": how} for i, (c, how) in fallbacks.items()})
+        log.warning("%s: %d of %d image(s) captioned by a fallback; see %s", written, len(fallbacks), len(order), side)
+    else:
+        side.unlink(missing_ok=True)
+    return written, {i: how for i, (_, how) in fallbacks.items()}
+
+
+def fallback_captions(pipe: Pipeline, split: str, ids: list[str]) -> dict[str, tuple[str, str]]:
+    """A caption for each of ``ids``: its nearest neighbour's when it was retrieved, else the index split's
+    constant caption (the training caption most similar to a sample of the others). ``{id: (caption, how)}``."""
+    from medcap.models.similarity import constant_caption, get_similarity
+    from medcap.records import NeighbourList
+    from medcap.runs import read_jsonl
+
+    neighbours: dict[str, NeighbourList] = {}
+    if pipe.fresh("retrieve", split):
+        rows = read_jsonl(pipe.path("retrieve", split))
+        neighbours = {r["id"]: NeighbourList.from_json(r) for r in rows}
+    out: dict[str, tuple[str, str]] = {}
+    constant = None
+    for i in ids:
+        hit = next((n for n in neighbours[i].neighbours if n.caption), None) if i in neighbours else None
+        if hit is not None:
+            out[i] = (hit.caption, f"nearest neighbour {hit.id}")
+            continue
+        if constant is None:
+            index = [ex.caption for ex in pipe.split(pipe.cfg.data.index_split).examples if ex.caption]
+            constant = constant_caption(index, get_similarity("rouge1"), seed=pipe.cfg.seed)
+        out[i] = (constant, "constant caption of the index split (no image to retrieve with)")
+    return out

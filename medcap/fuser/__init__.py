@@ -41,7 +41,7 @@ class FuserKind:
         """False for a split the fuser must not caption (an LM-Fuser's training split)."""
         return True
 
-    def settings(self, cfg: FuserConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: FuserConfig) -> Any:
         return key_settings(cfg)
 
     def train_settings(self, cfg: FuserConfig) -> Any:

@@ -82,7 +82,7 @@ class LMKind(FuserKind):
     def wants_neighbours(self, cfg: FuserConfig) -> bool:
         return cfg.use_neighbours
 
-    def settings(self, cfg: FuserConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: FuserConfig) -> Any:
         return key_settings(cfg), model_identity(cfg.model)
 
     def train_settings(self, cfg: FuserConfig) -> Any:

@@ -88,7 +88,7 @@ class Fuse(Stage):
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
         cfg = _cfg(pipe, name)
-        return fuser_kind(cfg.kind).settings(cfg), pipe.data_key(split)
+        return fuser_kind(cfg.kind).settings(pipe, cfg), pipe.data_key(split)
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
         cfg = _cfg(pipe, name)

@@ -25,6 +25,7 @@ MLLM_KINDS = ("llava", "qwen2_5_vl", "medgemma", "smolvlm")
 KINDS: dict[str, Any] = {
     "nearest": "medcap.generators.neighbour:NEAREST",
     "consensus": "medcap.generators.neighbour:CONSENSUS",
+    "constant": "medcap.generators.neighbour:CONSTANT",
     "prefix": "medcap.generators.prefix_train:PREFIX",
     **dict.fromkeys(MLLM_KINDS, "medcap.generators.mllm:MLLM"),
 }

@@ -23,7 +23,7 @@ class GeneratorKind:
         """True when the run must train a model for ``cfg`` before it generates."""
         return False
 
-    def settings(self, cfg: GeneratorConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: GeneratorConfig) -> Any:
         """What shapes the captions, for the candidates' key (models by content when local)."""
         return key_settings(cfg)
 

@@ -89,7 +89,7 @@ class MLLMKind(GeneratorKind):
     def trains(self, cfg: GeneratorConfig) -> bool:
         return cfg.mode == "sft" and cfg.adapter is None
 
-    def settings(self, cfg: GeneratorConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: GeneratorConfig) -> Any:
         return key_settings(cfg), model_identity(cfg.model), model_identity(cfg.adapter)
 
     def train_settings(self, cfg: GeneratorConfig) -> Any:

@@ -1,18 +1,20 @@
-"""Neighbour captioners: the first, training-free generators.
+"""Neighbour captioners and the constant baseline: the training-free generators.
 
 ``nearest`` copies the caption of the most similar training image. ``consensus`` picks, among the
 k neighbours' captions, the one most similar on average to the other neighbours' captions — the
-retrieval analogue of minimum-Bayes-risk decoding, and a strong ImageCLEF baseline.
+retrieval analogue of minimum-Bayes-risk decoding, and a strong ImageCLEF baseline. ``constant``
+writes one caption for every image, the training caption most similar on average to a sample of the
+others: the floor that shows how much a metric rewards generic text.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig
 from medcap.generators.kind import Generator, GeneratorKind
-from medcap.models.similarity import get_similarity, pick_consensus
+from medcap.models.similarity import constant_caption, get_similarity, pick_consensus
 from medcap.records import Candidate, NeighbourList
 
 if TYPE_CHECKING:
@@ -56,5 +58,22 @@ class NeighbourKind(GeneratorKind):
         return 256
 
 
+class ConstantKind(GeneratorKind):
+    """One caption for every image: the index split's most typical caption (``k`` captions sampled, default 300)."""
+
+    def settings(self, pipe: Pipeline, cfg: GeneratorConfig) -> Any:
+        # the run seed draws the sample; the index split's captions are the pool
+        return cfg.similarity, cfg.k, pipe.cfg.seed, pipe.data_key(pipe.cfg.data.index_split)
+
+    def build(self, pipe: Pipeline, cfg: GeneratorConfig, split: str, model_dir: Path) -> Generator:
+        captions = [ex.caption for ex in pipe.split(pipe.cfg.data.index_split).examples if ex.caption]
+        text = constant_caption(captions, get_similarity(cfg.similarity), cfg.k or 300, pipe.cfg.seed)
+        return lambda items: [Candidate(ex.id, text, cfg.name, {"source": "constant"}) for ex, _ in items]
+
+    def chunk(self, cfg: GeneratorConfig) -> int:
+        return 1024
+
+
 NEAREST = NeighbourKind(nearest)
 CONSENSUS = NeighbourKind(consensus)
+CONSTANT = ConstantKind()

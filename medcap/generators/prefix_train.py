@@ -192,7 +192,7 @@ class PrefixKind(GeneratorKind):
     def trains(self, cfg: GeneratorConfig) -> bool:
         return True
 
-    def settings(self, cfg: GeneratorConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: GeneratorConfig) -> Any:
         return key_settings(cfg), model_identity(cfg.prefix.lm)
 
     def train_settings(self, cfg: GeneratorConfig) -> Any:

@@ -119,7 +119,7 @@ class Generate(Stage):
         folds = None
         if crossfitted(pipe, cfg, split):  # the fold models are part of this artifact: their training's key
             folds = (cfg.folds, pipe.key("train", name))
-        return kind.settings(cfg), pipe.data_key(split), folds
+        return kind.settings(pipe, cfg), pipe.data_key(split), folds
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
         cfg = pipe.generator_cfg(name)

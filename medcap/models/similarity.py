@@ -83,3 +83,18 @@ def pick_consensus(captions: list[str], similarity: Similarity) -> int:
     if len(captions) <= 2:
         return 0  # with two, both have the same mean similarity: keep the first
     return int(np.argmax(expected_utility(captions, similarity)))
+
+
+def constant_caption(captions: list[str], similarity: Similarity, sample: int = 300, seed: int = 0) -> str:
+    """The caption with the highest mean similarity to a seeded sample of the others.
+
+    One caption for every image: the baseline any caption set must beat (BERTScore alone rewards
+    such generic text), and the fallback for an image that nothing else can caption.
+    """
+    import random
+
+    pool = sorted({c.strip() for c in captions if c and c.strip()})
+    if not pool:
+        raise ValueError("no captions to choose a constant caption from")
+    chosen = random.Random(seed).sample(pool, min(sample, len(pool)))
+    return chosen[int(np.argmax(expected_utility(chosen, similarity)))]
