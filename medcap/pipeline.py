@@ -15,7 +15,6 @@ set; an input whose stage may not run must already be fresh, or the command says
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,23 +24,27 @@ from typing import Any
 from medcap.config import RunConfig, SynthesizerConfig, config_hash, dump_config
 from medcap.data import SplitData, load_split, write_rejects
 from medcap.records import Candidate, Example, NeighbourList
+from medcap.registry import Registry
 from medcap.runs import RunDir, borrow, is_fresh, read_jsonl, run_lock, write_atomic
 
 log = logging.getLogger(__name__)
 
 # Stage name -> where it lives ("module:Class"), in pipeline order. A stage is imported when first used.
-STAGES: dict[str, str] = {
-    "embed": "medcap.retrieval.stages:Embed",
-    "index": "medcap.retrieval.stages:Index",
-    "retrieve": "medcap.retrieval.stages:Retrieve",
-    "train": "medcap.generators.stage:Train",
-    "generate": "medcap.generators.stage:Generate",
-    "synthesize": "medcap.synthesizer.stage:Synthesize",
-    "train-fuser": "medcap.fuser.stage:TrainFuser",
-    "fuse": "medcap.fuser.stage:Fuse",
-    "evaluate": "medcap.eval.stage:Evaluate",
-    "submit": "medcap.eval.stage:Submit",
-}
+STAGES = Registry(
+    "stage",
+    {
+        "embed": "medcap.retrieval.stages:Embed",
+        "index": "medcap.retrieval.stages:Index",
+        "retrieve": "medcap.retrieval.stages:Retrieve",
+        "train": "medcap.generators.stage:Train",
+        "generate": "medcap.generators.stage:Generate",
+        "synthesize": "medcap.synthesizer.stage:Synthesize",
+        "train-fuser": "medcap.fuser.stage:TrainFuser",
+        "fuse": "medcap.fuser.stage:Fuse",
+        "evaluate": "medcap.eval.stage:Evaluate",
+        "submit": "medcap.eval.stage:Submit",
+    },
+)
 Need = tuple  # (stage name, *target)
 
 
@@ -94,17 +97,14 @@ class CaptionSet:
     cfg: Any
 
 
-_stage_cache: dict[str, Stage] = {}
+_instances: dict[str, Stage] = {}
 
 
 def get_stage(name: str) -> Stage:
     """The stage registered under ``name`` (imported on first use)."""
-    if name not in _stage_cache:
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; stages: {list(STAGES)}")
-        module, _, attr = STAGES[name].partition(":")
-        _stage_cache[name] = getattr(importlib.import_module(module), attr)()
-    return _stage_cache[name]
+    if name not in _instances:
+        _instances[name] = STAGES.get(name)()
+    return _instances[name]
 
 
 @dataclass
@@ -238,11 +238,15 @@ class Pipeline:
                 return CaptionSet(name, "fuse", o)
         raise ValueError(f"no generator, synthesizer or fuser named {name!r}; have {self.caption_sets}")
 
-    def generator_cfg(self, name: str):
+    def cfg_of(self, name: str, stage: str) -> Any:
+        """The config of caption set ``name``, which ``stage`` (generate, synthesize, fuse) must make."""
         cs = self.caption_set(name)
-        if cs.stage != "generate":
-            raise ValueError(f"{name!r} is a {cs.stage} caption set, not a generator")
+        if cs.stage != stage:
+            raise ValueError(f"{name!r} is a {cs.stage} caption set, not one that {stage} makes")
         return cs.cfg
+
+    def generator_cfg(self, name: str) -> Any:
+        return self.cfg_of(name, "generate")
 
     def inputs_of(self, name: str) -> list[str]:
         """The caption sets a synthesizer or fuser reads (default: every generator, and synthesizers for fusers)."""

@@ -255,6 +255,16 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
     os.replace(tmp, dst)
 
 
+def start_folder(out: Path, stage: str, key: str) -> None:
+    """Begin (or resume) a folder artifact made with ``key``: one made with another key is removed first,
+    so a changed setting never resumes an old training or returns an old model."""
+    old = Manifest.read(out)
+    if out.exists() and (old is None or old.key != key):
+        log.info("%s: made with other settings; starting afresh", out)
+        shutil.rmtree(out)
+    Manifest(stage, key, complete=False).write(out)  # what is written under `out` now resumes with this key
+
+
 def artifact_key(artifact: str | Path) -> str | None:
     m = Manifest.read(artifact)
     return m.key if m is not None and m.complete else None

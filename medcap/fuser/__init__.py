@@ -7,13 +7,13 @@ LM trained on candidates -> reference). The fuse and train-fuser stages (``fuser
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import FuserConfig, key_settings
 from medcap.records import Candidate, NeighbourList
+from medcap.registry import Registry
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
@@ -22,11 +22,9 @@ if TYPE_CHECKING:
 Item = tuple[str, dict[str, str], NeighbourList | None]
 Fuse = Callable[[list[Item]], list[Candidate]]  # may also have close()
 
-KINDS: dict[str, Any] = {
-    "mbr": "medcap.fuser.mbr:MBR",
-    "rerank": "medcap.fuser.mbr:RERANK",
-    "lm": "medcap.fuser.lm:LM",
-}
+KINDS = Registry(
+    "fuser kind", {"mbr": "medcap.fuser.mbr:MBR", "rerank": "medcap.fuser.mbr:RERANK", "lm": "medcap.fuser.lm:LM"}
+)
 
 
 class FuserKind:
@@ -67,11 +65,4 @@ def register(kind: str, impl: FuserKind | str) -> None:
 
 
 def fuser_kind(kind: str) -> FuserKind:
-    try:
-        impl = KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown fuser kind {kind!r}; known: {sorted(KINDS)}") from None
-    if isinstance(impl, str):
-        module, _, attr = impl.partition(":")
-        impl = KINDS[kind] = getattr(importlib.import_module(module), attr)
-    return impl
+    return KINDS.get(kind)

@@ -9,13 +9,12 @@ a fuser never captions the split it trained on.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.fuser import fuser_kind
 from medcap.pipeline import Stage
-from medcap.runs import Manifest, ResumableJsonl, batched
+from medcap.runs import Manifest, ResumableJsonl, batched, start_folder
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
@@ -23,13 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 64  # images fused and written per batch
-
-
-def _cfg(pipe: Pipeline, name: str):
-    cs = pipe.caption_set(name)
-    if cs.stage != "fuse":
-        raise ValueError(f"{name!r} is a {cs.stage} caption set, not a fuser")
-    return cs.cfg
 
 
 class TrainFuser(Stage):
@@ -42,12 +34,12 @@ class TrainFuser(Stage):
         return pipe.run.model(name)
 
     def needs(self, pipe: Pipeline, name: str) -> list[tuple]:
-        cfg = _cfg(pipe, name)
+        cfg = pipe.cfg_of(name, "fuse")
         needs = [pipe.caption_need(i, cfg.train_split) for i in pipe.inputs_of(name)]
         return needs + ([("retrieve", cfg.train_split)] if fuser_kind(cfg.kind).wants_neighbours(cfg) else [])
 
     def settings(self, pipe: Pipeline, name: str) -> Any:
-        cfg = _cfg(pipe, name)
+        cfg = pipe.cfg_of(name, "fuse")
         # the seed draws the validation hold-out; the train split's references are what it learns
         return fuser_kind(cfg.kind).train_settings(cfg), pipe.cfg.seed, pipe.data_key(cfg.train_split)
 
@@ -55,12 +47,8 @@ class TrainFuser(Stage):
         return f"medcap train fuser {name} -c CONFIG"
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str) -> None:
-        old = Manifest.read(out)
-        if out.exists() and (old is None or old.key != key):
-            log.info("%s: trained with other settings; training afresh", out)
-            shutil.rmtree(out)
-        Manifest("train", key, complete=False).write(out)  # checkpoints under `out` resume with this key
-        cfg = _cfg(pipe, name)
+        start_folder(out, "train", key)
+        cfg = pipe.cfg_of(name, "fuse")
         fuser_kind(cfg.kind).train(pipe, cfg, out)
         Manifest("train", key, complete=True, info={"split": cfg.train_split}).write(out)
 
@@ -81,17 +69,17 @@ class Fuse(Stage):
         return pipe.run.fused(name, split)
 
     def needs(self, pipe: Pipeline, name: str, split: str) -> list[tuple]:
-        cfg = _cfg(pipe, name)
+        cfg = pipe.cfg_of(name, "fuse")
         return [pipe.caption_need(i, split) for i in pipe.inputs_of(name)] + fuser_kind(cfg.kind).needs(
             pipe, cfg, split
         )
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
-        cfg = _cfg(pipe, name)
+        cfg = pipe.cfg_of(name, "fuse")
         return fuser_kind(cfg.kind).settings(pipe, cfg), pipe.data_key(split)
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
-        cfg = _cfg(pipe, name)
+        cfg = pipe.cfg_of(name, "fuse")
         kind = fuser_kind(cfg.kind)
         if not kind.covers(cfg, split):
             raise ValueError(f"fuser {name} does not caption {split!r}, the split it trained on")

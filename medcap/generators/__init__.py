@@ -10,25 +10,27 @@ in ``KINDS`` (or :func:`register` at run time).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from typing import Any
 
 from medcap.config import GeneratorConfig
 from medcap.generators.kind import Generator, GeneratorKind, Item
 from medcap.generators.neighbour import consensus, nearest
 from medcap.records import Candidate, NeighbourList
+from medcap.registry import Registry
 
 __all__ = ["KINDS", "MLLM_KINDS", "Generator", "GeneratorKind", "Item", "generator_kind", "needs_training", "register"]
 
 MLLM_KINDS = ("llava", "qwen2_5_vl", "medgemma", "smolvlm")
-KINDS: dict[str, Any] = {
-    "nearest": "medcap.generators.neighbour:NEAREST",
-    "consensus": "medcap.generators.neighbour:CONSENSUS",
-    "constant": "medcap.generators.neighbour:CONSTANT",
-    "prefix": "medcap.generators.prefix_train:PREFIX",
-    **dict.fromkeys(MLLM_KINDS, "medcap.generators.mllm:MLLM"),
-}
+KINDS = Registry(
+    "generator kind",
+    {
+        "nearest": "medcap.generators.neighbour:NEAREST",
+        "consensus": "medcap.generators.neighbour:CONSENSUS",
+        "constant": "medcap.generators.neighbour:CONSTANT",
+        "prefix": "medcap.generators.prefix_train:PREFIX",
+        **dict.fromkeys(MLLM_KINDS, "medcap.generators.mllm:MLLM"),
+    },
+)
 
 
 def register(kind: str, impl: GeneratorKind | str) -> None:
@@ -37,14 +39,7 @@ def register(kind: str, impl: GeneratorKind | str) -> None:
 
 
 def generator_kind(kind: str) -> GeneratorKind:
-    try:
-        impl = KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown generator kind {kind!r}; known: {sorted(KINDS)}") from None
-    if isinstance(impl, str):
-        module, _, attr = impl.partition(":")
-        impl = KINDS[kind] = getattr(importlib.import_module(module), attr)
-    return impl
+    return KINDS.get(kind)
 
 
 def needs_training(cfg: GeneratorConfig) -> bool:

@@ -15,7 +15,6 @@ so the fuser's leakage guard can check the claim from the files.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from medcap.data.folds import group_folds, holdout
 from medcap.generators import Item, generator_kind
 from medcap.logs import progress
 from medcap.pipeline import Stage
-from medcap.runs import Manifest, ResumableJsonl, is_fresh, write_json
+from medcap.runs import Manifest, ResumableJsonl, is_fresh, start_folder, write_json
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
@@ -52,11 +51,7 @@ def fit(pipe: Pipeline, cfg: GeneratorConfig, items: list[Item], out: Path, key:
     A folder made with another key is removed first: a changed setting never resumes an old
     training or returns an old model.
     """
-    old = Manifest.read(out)
-    if out.exists() and (old is None or old.key != key):
-        log.info("%s: trained with other settings; training afresh", out)
-        shutil.rmtree(out)
-    Manifest("train", key, complete=False).write(out)  # checkpoints under `out` resume with this key
+    start_folder(out, "train", key)
     train_items, valid_items = holdout(items, pipe.cfg.seed)
     generator_kind(cfg.kind).train(pipe, cfg, train_items, valid_items, out)
     write_json(out / TRAIN_IDS, sorted(ex.id for ex, _ in train_items + valid_items))

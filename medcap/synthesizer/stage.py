@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import SynthesizerConfig, key_settings
+from medcap.config import key_settings
 from medcap.logs import progress
 from medcap.models.hub import model_identity
 from medcap.pipeline import Stage
@@ -16,13 +16,6 @@ from medcap.runs import ResumableJsonl
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
-
-
-def _cfg(pipe: Pipeline, name: str) -> SynthesizerConfig:
-    cs = pipe.caption_set(name)
-    if cs.stage != "synthesize":
-        raise ValueError(f"{name!r} is a {cs.stage} caption set, not a synthesizer")
-    return cs.cfg
 
 
 class Synthesize(Stage):
@@ -39,13 +32,13 @@ class Synthesize(Stage):
         return [*(pipe.caption_need(i, split) for i in pipe.inputs_of(name)), ("retrieve", split)]
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
-        cfg = _cfg(pipe, name)
+        cfg = pipe.cfg_of(name, "synthesize")
         return key_settings(cfg), model_identity(cfg.model), pipe.data_key(split)
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
         from medcap.synthesizer.synthesize import Synthesizer
 
-        cfg = _cfg(pipe, name)
+        cfg = pipe.cfg_of(name, "synthesize")
         inputs = pipe.inputs_of(name)
         candidates = {i: pipe.captions(i, split) for i in inputs}
         neighbours = pipe.neighbour_lists(split)
