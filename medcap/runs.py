@@ -28,20 +28,34 @@ log = logging.getLogger(__name__)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
+
+    If the write fails (a full disk), the previous file stays as it was and no temporary file is left.
+    """
+    return write_atomic_all({Path(path): data})[0]
+
+
+def write_atomic_all(files: dict[Path, str | bytes]) -> list[Path]:
+    """Write several files that belong together: every one is written and synced before any replaces its old
+    version, so a failed write (a full disk) leaves all the old versions as they were."""
+    temps: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return [path for _, path in temps]
 
 
 @contextlib.contextmanager
@@ -51,14 +65,16 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old.exists() and not target.exists():  # the swap itself failed: put the previous folder back
+            old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -95,7 +111,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class JsonlWriter:
-    """Appends rows to a JSONL file a batch at a time, flushed and fsynced, so a crash loses one batch."""
+    """Appends rows to a JSONL file a batch at a time, flushed and fsynced, so a crash loses one batch.
+
+    A batch is all or nothing: if its write fails (a full disk), the file is cut back to the rows before it.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -115,10 +134,23 @@ class JsonlWriter:
             f.truncate(cut)
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        committed = os.fstat(self._file.fileno()).st_size  # the buffer is empty between batches
+        try:
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self._rollback(committed)
+            raise
+
+    def _rollback(self, size: int) -> None:
+        """Cut off a batch that failed half-way, and start a fresh file object (the old one holds its rest)."""
+        with contextlib.suppress(OSError):
+            self._file.close()  # may fail again flushing the rest of the batch; that is cut off below
+        with self.path.open("r+b") as f:
+            f.truncate(size)
+        self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         self._file.close()

@@ -26,7 +26,7 @@ from medcap.eval.submission_check import (
     sample,
 )
 from medcap.problems import InputError, Problem
-from medcap.runs import write_atomic
+from medcap.runs import write_atomic, write_atomic_all
 
 __all__ = [
     "SubmissionCheck",
@@ -149,11 +149,11 @@ def write_submission(
     if long:
         log.warning("%s: %d caption(s) over %d characters, e.g. %s", csv_path, len(long), LONG_CAPTION, sample(long))
     data = _render(rows, fmt).encode("utf-8")  # plain UTF-8, no byte-order mark
-    write_atomic(csv_path, data)
     if not fmt.zipped:
-        return csv_path
+        return write_atomic(csv_path, data)
     zip_path = csv_path.with_suffix(".zip")
-    write_atomic(zip_path, _zip_bytes(fmt.member, data))
+    # both or neither: a failed write (a full disk) must not leave a new CSV beside the old zip
+    write_atomic_all({csv_path: data, zip_path: _zip_bytes(fmt.member, data)})
     return zip_path
 
 
