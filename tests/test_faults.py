@@ -241,19 +241,25 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """After this, files that medcap.runs opens for writing take ``room`` bytes, then fail with ENOSPC."""
+    """After ``full_disk(*rooms)``, the n-th file medcap.runs opens for writing takes ``rooms[n]`` bytes (the last
+    room for every later file), then fails with ENOSPC."""
     import medcap.runs as runs
 
-    def arm(room: int = 5):
-        real = runs.os.fdopen
-        monkeypatch.setattr(runs.os, "fdopen", lambda fd, mode="r", *a, **k: FullDisk(real(fd, mode, *a, **k), room))
+    def arm(*rooms: int):
+        real, left = runs.os.fdopen, list(rooms)
+
+        def fdopen(fd, mode="r", *args, **kwargs):
+            room = left.pop(0) if len(left) > 1 else left[0]
+            return FullDisk(real(fd, mode, *args, **kwargs), room)
+
+        monkeypatch.setattr(runs.os, "fdopen", fdopen)
 
     return arm
 
 
 def test_full_disk_during_write_atomic_keeps_the_previous_file(tmp_path, full_disk):
     path = write_atomic(tmp_path / "scores.json", '{"old": 1}')
-    full_disk(room=5)
+    full_disk(5)
     with pytest.raises(OSError, match="No space left"):
         write_atomic(path, '{"new": 2, "padding": "' + "x" * 1000 + '"}')
     assert path.read_text() == '{"old": 1}' and _leftovers(tmp_path) == []
@@ -265,7 +271,7 @@ def test_full_disk_during_a_2026_submission_keeps_the_previous_csv_and_zip(tmp_p
     ids = [f"ImageCLEFmedical_Caption_2026_test_{i:06d}" for i in range(3)]
     zipped = write_submission({i: "old caption" for i in ids}, tmp_path / "run.csv", 2026, order=ids)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run.csv", zipped)}
-    full_disk(room=200)  # the CSV fits, the zip does not
+    full_disk(10**6, 50)  # the CSV fits, the zip does not
     with pytest.raises(OSError, match="No space left"):
         write_submission({i: "new caption " * 30 for i in ids}, tmp_path / "run.csv", 2026, order=ids)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run.csv", zipped)} == before
@@ -302,7 +308,7 @@ def test_full_disk_while_filling_an_atomic_dir_keeps_the_previous_folder(tmp_pat
     target = tmp_path / "adapter"
     with atomic_dir(target) as tmp:
         write_atomic(tmp / "weights.bin", b"old weights")
-    full_disk(room=4)
+    full_disk(4)
     with pytest.raises(OSError, match="No space left"), atomic_dir(target) as tmp:
         write_atomic(tmp / "weights.bin", b"new weights that do not fit")
     assert (target / "weights.bin").read_bytes() == b"old weights" and _leftovers(tmp_path) == []
