@@ -151,3 +151,30 @@ def test_writer_cleans_control_characters_and_refuses_unreadable_captions(tmp_pa
     captions[IDS[2]] = "z" * 140_000
     with pytest.raises(ValueError, match=rf"131,072 characters.*{IDS[2]}"):
         write_submission(captions, tmp_path / "bad.csv", 2026, order=IDS)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_medcap_validate_names_a_wrong_separator_once_and_logs_warnings(tmp_path, caplog):
+    from click.testing import CliRunner
+
+    from medcap.cli import main
+
+    testset = tmp_path / "test_captions.csv"
+    testset.write_text(HEADER + "".join(f'{i},"reference"\n' for i in IDS), encoding="utf-8")
+    bad = tmp_path / "pipes.csv"
+    bad.write_text("ID|Caption\n" + "".join(_rows("|")), encoding="utf-8")
+    res = CliRunner().invoke(main, ["validate", str(bad), "--testset", str(testset), "--year", "2026"])
+    assert res.exit_code == 1
+    assert [line for line in res.output.splitlines() if str(bad) in line and "Error occurred" in line] == [
+        f"{bad}:1: Wrong separator: the columns are separated by '|' (pipe), but the 2026 rules read ',' (comma), "
+        f"so 21 of 21 rows read as one column. Write <imageID>,<caption> rows. Error occurred at record line 1."
+    ]
+    good = write_submission(
+        {i: "" if n == 3 else f"caption {n}" for n, i in enumerate(IDS)}, tmp_path / "s.csv", 2026, order=IDS
+    )
+    with caplog.at_level(logging.WARNING):
+        res = CliRunner().invoke(main, ["validate", str(good), "--testset", str(testset), "--year", "2026"])
+    assert res.exit_code == 0 and "valid for 2026" in res.output
+    assert "1 row with an empty caption" in caplog.text and f"{good}!submission.csv:5" in caplog.text
