@@ -123,15 +123,27 @@ class JsonlWriter:
         self._file = self.path.open("a", encoding="utf-8")
 
     def _repair(self) -> None:
-        """Drop a torn last line left by a crash, so appended rows start on a fresh line."""
+        """Drop a torn last line left by a crash, so appended rows start on a fresh line.
+
+        Reads the file backwards from its end, a block at a time: a 100,000-row file is not read whole.
+        """
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
-        data = self.path.read_bytes()
-        if data.endswith(b"\n"):
-            return
-        cut = data.rfind(b"\n") + 1
         with self.path.open("r+b") as f:
-            f.truncate(cut)
+            end = f.seek(0, os.SEEK_END)
+            pos = end
+            while pos > 0:
+                step = min(1 << 16, pos)
+                pos -= step
+                f.seek(pos)
+                block = f.read(step)
+                if pos + step == end and block.endswith(b"\n"):
+                    return
+                newline = block.rfind(b"\n")
+                if newline >= 0:
+                    f.truncate(pos + newline + 1)
+                    return
+            f.truncate(0)
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

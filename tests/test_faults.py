@@ -329,3 +329,14 @@ def test_atomic_dir_puts_the_previous_folder_back_when_the_swap_fails(tmp_path, 
     with pytest.raises(OSError), atomic_dir(target) as tmp:
         (tmp / "config.json").write_text('{"new": true}')
     assert (target / "config.json").read_text() == "{}" and _leftovers(tmp_path) == []
+
+
+def test_a_torn_last_row_longer_than_a_read_block_is_cut_off(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    good = b'{"id": "a"}\n{"id": "b"}\n'
+    path.write_bytes(good + b'{"id": "c", "caption": "' + b"x" * 200_000)  # a crash mid-row
+    JsonlWriter(path).close()
+    assert path.read_bytes() == good
+    path.write_bytes(b'{"id": "only a torn row')
+    JsonlWriter(path).close()
+    assert path.read_bytes() == b""
