@@ -17,11 +17,14 @@ zipped for upload. Each kind is reported once, with its count and first lines.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import io
 import logging
 import unicodedata
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -38,11 +41,7 @@ _BAD_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Zl", "Zp"}  # control, format (zero-
 
 
 class Record(NamedTuple):
-    """One CSV row with the file line it starts on (1-based) and its raw text, line endings removed.
-
-    A tuple of strings and numbers, so Python's cyclic garbage collector stops tracking it: a
-    100,000-row file would otherwise make its full collections rescan every row (time grew as N^1.15).
-    """
+    """One CSV row with the file line it starts on (1-based) and its raw text, line endings removed."""
 
     line: int
     raw: str
@@ -101,8 +100,25 @@ def check_submission(
     check = _Checker(name, fmt, test_ids, long_caption)
     if fmt.zipped and not zipped:
         check.warn(None, f"the {fmt.year} platform takes a zip holding {fmt.member}, not a bare CSV")
-    check.run(data)
+    with _cyclic_gc_paused():
+        check.run(data)
     return SubmissionCheck(check.errors, check.warning_list())
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a check holds a record per row.
+
+    The records form no cycles, but the collector's full passes rescan every one of them: checking
+    100,000 rows cost 7.0 CPU us a row against 5.2 for 10,000 (N^1.15); paused, 6.0 and 6.2.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _load(path: Path, fmt: SubmissionFormat) -> tuple[str, bytes, bool] | Problem:
