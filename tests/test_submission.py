@@ -12,7 +12,13 @@ import pytest
 
 from medcap.data.problems import InputError
 from medcap.eval.imageclef import known_years, submission_format
-from medcap.eval.submission import clean_caption, read_test_ids, validate_submission, write_submission
+from medcap.eval.submission import (
+    check_submission,
+    clean_caption,
+    read_test_ids,
+    validate_submission,
+    write_submission,
+)
 
 IDS = [f"ImageCLEFmedical_Caption_2026_test_{i:06d}" for i in range(1, 5)]
 CAPTIONS = {
@@ -53,9 +59,11 @@ def test_known_years_and_unknown_year():
 def test_2026_format_is_strict_and_older_years_are_not():
     f26 = submission_format(2026)
     assert (f26.header, f26.zipped, f26.ordered, f26.quote_commas) == (("ID", "Caption"), True, True, True)
-    for year in (2023, 2024, 2025):
+    for year in (2023, 2024):
         fmt = submission_format(year)
         assert fmt.header is None and not fmt.zipped and not fmt.ordered and fmt.separator == ","
+    f25 = submission_format(2025)  # the 2025 evaluator needs a header row; the platform took a zip
+    assert (f25.header, f25.header_exact, f25.zipped, f25.ordered) == (("ID", "Caption"), False, True, False)
     assert submission_format(2024, separator="|").separator == "|"
     with pytest.raises(ValueError, match="fix the separator"):
         submission_format(2026, separator="|")
@@ -69,7 +77,7 @@ def test_writer_output_passes_validator_and_roundtrips(tmp_path, year):
     written = write_submission(CAPTIONS, tmp_path / "run.csv", year, order=IDS)
     assert validate_submission(written, IDS, year) == []
     rows = _rows(written, year)
-    if year == 2026:
+    if year >= 2025:
         assert rows[0] == ["ID", "Caption"]
         rows = rows[1:]
     assert rows == [[i, clean_caption(CAPTIONS[i])] for i in IDS]
@@ -108,8 +116,8 @@ def test_writer_follows_order_and_refuses_missing_ids(tmp_path, caplog):
     order = [C, A, D, B]
     extra = {**CAPTIONS, "not_in_test": "x"}
     with caplog.at_level(logging.WARNING):
-        written = write_submission(extra, tmp_path / "run.csv", 2025, order=order)
-    assert [r[0] for r in _rows(written, 2025)] == order
+        written = write_submission(extra, tmp_path / "run.csv", 2023, order=order)
+    assert [r[0] for r in _rows(written, 2023)] == order
     assert "left out" in caplog.text
     partial = {k: v for k, v in CAPTIONS.items() if k != D}
     with pytest.raises(ValueError, match=D):
@@ -216,7 +224,7 @@ CASES_OLD = {
     "unknown ID": ("".join([*PLAIN_ROWS, "ImageCLEFmedical_x,y\n"]), 5, "does not exist in testset"),
     "repeated ID": ("".join([*PLAIN_ROWS, PLAIN_ROWS[2]]), 5, "more than once"),
     "row count": ("".join(PLAIN_ROWS[:3]), 3, "not equal to number of image IDs"),
-    "unquoted comma cuts the caption": ("".join([PLAIN_ROWS[0], f"{B},a, b\n", *PLAIN_ROWS[2:]]), 2, "3 columns"),
+    "empty ID": ("".join([*PLAIN_ROWS, ",a caption\n"]), 5, "Image ID '' in submission file does not exist"),
 }
 
 
@@ -224,6 +232,8 @@ CASES_OLD = {
 @pytest.mark.parametrize("case", sorted(CASES_OLD))
 def test_older_evaluator_rule_caught_at_its_line(tmp_path, case, year):
     content, line, message = CASES_OLD[case]
+    if year == 2025:  # the 2025 evaluator needs a header row: the same file with one, a line further down
+        content, line = "ID,Caption\n" + content, line + 1
     (p,) = _problems(tmp_path, content, year)
     assert p.line == line and message in p.message
     assert p.message.endswith(f"Error occurred at record line {line}.")
@@ -231,8 +241,35 @@ def test_older_evaluator_rule_caught_at_its_line(tmp_path, case, year):
 
 def test_older_years_accept_header_any_order_and_unquoted_captions(tmp_path):
     shuffled = [PLAIN_ROWS[2], PLAIN_ROWS[0], PLAIN_ROWS[3], PLAIN_ROWS[1]]
-    assert _problems(tmp_path, "".join(shuffled), 2025) == []
+    assert _problems(tmp_path, "".join(shuffled), 2023) == []
+    assert _problems(tmp_path, "id,caption\n" + "".join(shuffled), 2025) == []  # any case, any order
     assert _problems(tmp_path, "ID,Caption\n" + "".join(PLAIN_ROWS), 2023) == []
+
+
+def test_unquoted_comma_cuts_the_caption_a_warning_until_2025_then_an_error(tmp_path):
+    rows = "".join([PLAIN_ROWS[0], f"{B},a, b\n", *PLAIN_ROWS[2:]])
+    for year in (2023, 2024):  # the evaluator reads row[1]: accepted, but the caption is cut
+        (tmp_path / "sub.csv").write_text(rows)
+        check = check_submission(tmp_path / "sub.csv", IDS, year)
+        assert check.errors == [] and "cut at an unquoted ','" in check.warnings[0].message
+    (p,) = _problems(tmp_path, "ID,Caption\n" + rows, 2025)  # the 2025 platform: two columns ID,Caption
+    assert p.line == 3 and "Expected exactly 2 columns, found 3" in p.message
+
+
+def test_byte_order_mark_before_2025_is_an_error_only_where_it_spoils_the_first_id(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (p,) = _problems(tmp_path, bom + "".join(PLAIN_ROWS).encode(), 2023)
+    assert p.line == 1 and "byte-order mark" in p.message and "matches no test ID" in p.message
+    path = tmp_path / "h.csv"
+    path.write_bytes(bom + ("ID,Caption\n" + "".join(PLAIN_ROWS)).encode())
+    check = check_submission(path, IDS, 2023)
+    assert check.errors == [] and "byte-order mark" in check.warnings[0].message
+
+
+def test_2025_file_without_header_fails_the_evaluators_count(tmp_path):
+    # the 2025 evaluator reads the first row as a header unless its first field is "ID", and does not count it
+    (p,) = _problems(tmp_path, "".join(PLAIN_ROWS), 2025)
+    assert p.line == 1 and "Missing header row" in p.message and "count check" in p.message
 
 
 # --------------------------------------------------------------------------- test IDs

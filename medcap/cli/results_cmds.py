@@ -81,15 +81,17 @@ def submit_cmd(run_dir: str, name: str | None, year: int | None, split: str | No
 @user_errors
 def validate_cmd(submission: str, testset: str, year: int) -> None:
     """Check a submission file against a test set with every rule of YEAR."""
-    from medcap.eval.submission import read_test_ids, validate_submission
+    from medcap.eval.submission import check_submission, read_test_ids
 
-    problems = validate_submission(Path(submission), read_test_ids(Path(testset)), year)
-    for p in problems:
+    check = check_submission(Path(submission), read_test_ids(Path(testset)), year)
+    for p in check.errors:
         click.echo(str(p))
-    if problems:
-        click.echo(f"{len(problems)} problem(s): {submission} would be rejected in {year}", err=True)
+    for w in check.warnings:
+        click.echo(f"warning: {w}")
+    if check.errors:
+        click.echo(f"{len(check.errors)} problem(s): {submission} would be rejected in {year}", err=True)
         sys.exit(1)
-    click.echo(f"{submission}: valid for {year}")
+    click.echo(f"{submission}: valid for {year}" + (f" ({len(check.warnings)} warning(s))" if check.warnings else ""))
 
 
 @main.command("report")

@@ -217,7 +217,10 @@ def _check_rows(scan: SplitScan, deep: bool) -> None:
         return
     todo = [r for r in scan.rows if r.image is not None and not r.problems]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        errors = list(pool.map(lambda r: _image_error(r.image), todo))
+        # in chunks: one live Future per image of a 100k split is what the garbage collector keeps rescanning
+        errors = [
+            e for s in range(0, len(todo), 1024) for e in pool.map(lambda r: _image_error(r.image), todo[s : s + 1024])
+        ]
     for row, error in zip(todo, errors, strict=True):
         if error is not None:
             shown = row.image if isinstance(row.image, Path) else "(image bytes)"

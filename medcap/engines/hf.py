@@ -1,7 +1,8 @@
 """The ``hf`` engine: batched ``model.generate`` in transformers, with PEFT LoRA adapters per request.
 
 Works anywhere (CPU included). Requests are grouped by adapter and generation settings, then run
-``cfg.batch_size`` at a time with left padding; only the new tokens are decoded. Adapters load
+``cfg.batch_size`` at a time with left padding (a batch that runs out of memory is retried at half
+the size, kept from then on: ``medcap.models.oom``); only the new tokens are decoded. Adapters load
 once each with peft (``PeftModel.from_pretrained`` for the first, ``load_adapter`` after) and are
 switched with ``set_adapter``; ``adapter=None`` runs the base model inside ``disable_adapter()``.
 ``family=None`` serves a text-only causal LM (the synthesizer's), formatted by its tokenizer's chat
@@ -23,6 +24,7 @@ from medcap.engines.base import Completion, Request
 from medcap.models.chat import add_special_tokens, eos_ids, render_chat, text_only
 from medcap.models.families import Family
 from medcap.models.hub import ModelNotFoundError
+from medcap.models.oom import HalvingBatches
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -76,6 +78,11 @@ class HFEngine:
         self.model_name = model or (family.default_model if family else "")
         self._peft: Any = None  # the PeftModel wrapping self.model, once an adapter is loaded
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        self._batches = HalvingBatches(
+            cfg.batch_size,
+            f"hf engine {self.model_name}",
+            hint="lower generation.max_new_tokens or max_pixels, or use a smaller dtype or model",
+        )
 
     # ------------------------------------------------------------------ adapters
 
@@ -152,13 +159,10 @@ class HFEngine:
         for i, r in enumerate(requests):
             groups.setdefault((r.adapter, astuple(r.params)), []).append(i)
         results: list[Completion | None] = [None] * len(requests)
-        size = max(self.cfg.batch_size, 1)
         for (adapter, _), idx in groups.items():
             with self._adapter(adapter):
-                for start in range(0, len(idx), size):
-                    chunk = idx[start : start + size]
-                    for i, c in zip(chunk, self._run([requests[i] for i in chunk]), strict=True):
-                        results[i] = c
+                for i, c in zip(idx, self._batches.run([requests[i] for i in idx], self._run), strict=True):
+                    results[i] = c
         return [c for c in results if c is not None]
 
     def close(self) -> None:

@@ -7,7 +7,10 @@ by ``model=<served LoRA name>`` (the adapter folder's name, or the name given fo
 ``cfg.extra["lora_modules"]``, the same ``{name: path}`` mapping as ``--lora-modules``). Requests
 run ``cfg.concurrency`` at a time; connection errors, timeouts, 429 and 5xx are retried with
 exponential backoff and jitter up to ``cfg.max_retries`` times, then fail naming the URL and the
-last status. Uses ``requests``, not the ``openai`` package.
+last status. A server that has answered once and then cannot be reached is taken to be restarting:
+connection failures are then retried for up to ``cfg.extra["reconnect_for"]`` seconds (default
+600, a vLLM restart), so a run survives it; a wrong URL still fails after ``max_retries``. Uses
+``requests``, not the ``openai`` package.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import mimetypes
 import queue
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,6 +122,9 @@ class OpenAIEngine:
         self._names = served_names(self.lora_modules)
         self.backoff = float(cfg.extra.get("backoff", 0.5))  # seconds before the first retry; doubles each time
         self.max_backoff = float(cfg.extra.get("max_backoff", 30.0))
+        # seconds a server that has answered may stay unreachable (restarting) before a request gives up
+        self.reconnect_for = float(cfg.extra.get("reconnect_for", 600.0))
+        self._answered = threading.Event()  # the server has answered once: a lost connection is a restart
         self._sessions: queue.SimpleQueue = queue.SimpleQueue()
         self._all_sessions = []
         for _ in range(max(1, cfg.concurrency)):
@@ -167,27 +174,35 @@ class OpenAIEngine:
     def _post(self, payload: dict[str, Any], rid: str) -> dict[str, Any]:
         import requests
 
-        attempts = self.cfg.max_retries + 1
+        tries = failures = 0  # every attempt; the failures that count against max_retries
+        down_since: float | None = None  # when the server, after answering before, became unreachable
         last = ""
         session = self._sessions.get()
         try:
-            for attempt in range(attempts):
-                wait = None
+            while True:
+                tries += 1
+                wait, restarting = None, False
                 try:
                     resp = session.post(self.url, json=payload, timeout=self.cfg.timeout)
                 except requests.Timeout:
                     last = f"no answer within {self.cfg.timeout:g} s"
-                except requests.ConnectionError as e:
+                except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                    # ChunkedEncodingError: the connection broke in the middle of the answer (a server going down)
                     last = f"connection failed ({type(e).__name__}: {_short(e)})"
+                    if self._answered.is_set():
+                        down_since = down_since if down_since is not None else time.monotonic()
+                        restarting = time.monotonic() - down_since < self.reconnect_for
                 else:
                     if resp.status_code == 200:
                         try:
-                            return resp.json()
+                            body = resp.json()
                         except ValueError:
                             raise OpenAIEngineError(
                                 f"POST {self.url} (request {rid}): HTTP 200 with a body that is not JSON: "
                                 f"{resp.text[:300]!r}"
                             ) from None
+                        self._answered.set()
+                        return body
                     last = f"HTTP {resp.status_code}: {_error_text(resp)}"
                     if resp.status_code not in _RETRY_STATUS and resp.status_code < 500:
                         hint = ""
@@ -197,14 +212,20 @@ class OpenAIEngine:
                             f"POST {self.url} (request {rid}, model {payload['model']}): {last}{hint}"
                         )
                     wait = _retry_after(resp)
-                if attempt + 1 < attempts:
-                    delay = self._delay(attempt, wait)
-                    log.warning("POST %s (request %s): %s; retry %d/%d in %.2f s", self.url, rid, last,
-                                attempt + 1, self.cfg.max_retries, delay)  # fmt: skip
-                    time.sleep(delay)
+                if not restarting:
+                    failures += 1
+                    if failures > self.cfg.max_retries:
+                        break
+                delay = self._delay(tries - 1, wait)
+                budget = "server restarting?" if restarting else f"retry {failures}/{self.cfg.max_retries}"
+                log.warning("POST %s (request %s): %s; %s, again in %.2f s", self.url, rid, last, budget, delay)
+                time.sleep(delay)
         finally:
             self._sessions.put(session)
-        raise OpenAIEngineError(f"POST {self.url} (request {rid}): gave up after {attempts} attempt(s); last: {last}")
+        down = f" (unreachable for {time.monotonic() - down_since:.0f} s)" if down_since is not None else ""
+        raise OpenAIEngineError(
+            f"POST {self.url} (request {rid}): gave up after {tries} attempt(s){down}; last: {last}"
+        )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter in its upper half; a server's Retry-After wins, capped."""

@@ -2,19 +2,21 @@
 
     server, url = serve(HFEngine(...), adapters={"sft": "runs/x/adapters/llava"})
     OpenAIEngine("base", EngineConfig(kind="openai", base_url=url))  # talks to it like to `vllm serve`
-    server.shutdown(); server.server_close()
+    server.stop()  # like a process exit: the port closes and so does every open connection
 
 ``POST /v1/chat/completions`` decodes ``image_url`` data URLs to PIL images, maps ``model`` to a
 LoRA adapter path (the ``adapters`` mapping, like ``--lora-modules name=path``; any other name is
 the base model unless ``base_model`` is given) and calls the wrapped engine, one request at a
 time. ``GET /v1/models`` lists the names. ``before(path, body)`` may return an HTTP status to fail
-a call with (tests use it to inject 503s and delays).
+a call with (tests use it to inject 503s and delays). ``server.stop()`` then ``serve(..., port=same)``
+is a server restart as a client sees it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import json
@@ -90,6 +92,31 @@ def generation_config(body: dict[str, Any]) -> GenerationConfig:
     )
 
 
+class Server(ThreadingHTTPServer):
+    """A threading HTTP server that knows its open connections, so that ``stop`` can close them like a process exit."""
+
+    daemon_threads = True  # a client that gave up must not block shutdown
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def track(self, conn: socket.socket, open_: bool) -> None:
+        with self._connections_lock:
+            (self._connections.add if open_ else self._connections.discard)(conn)
+
+    def stop(self) -> None:
+        """Stop serving, close the port, and cut every open connection (keep-alive or mid-request)."""
+        self.shutdown()
+        self.server_close()
+        with self._connections_lock:
+            conns = list(self._connections)
+        for conn in conns:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                conn.shutdown(socket.SHUT_RDWR)
+
+
 def serve(
     engine: Engine,
     host: str = "127.0.0.1",
@@ -98,7 +125,7 @@ def serve(
     adapters: dict[str, str] | None = None,
     base_model: str | None = None,
     before: Hook | None = None,
-) -> tuple[ThreadingHTTPServer, str]:
+) -> tuple[Server, str]:
     """Start serving ``engine`` on a daemon thread; returns the server and its base URL (``.../v1``)."""
     try:
         addr = ipaddress.ip_address(socket.gethostbyname(host))
@@ -107,8 +134,7 @@ def serve(
     if not addr.is_loopback:
         raise ValueError(f"serve: {host!r} is not a loopback address; this server is for tests and local use only")
     handler = _handler(engine, dict(adapters or {}), base_model, before, threading.Lock())
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True  # a client that gave up must not block shutdown
+    server = Server((host, port), handler)
     threading.Thread(target=server.serve_forever, name="medcap-testserver", daemon=True).start()
     url = f"http://{host}:{server.server_address[1]}/v1"
     log.info("serving %s at %s", type(engine).__name__, url)
@@ -120,6 +146,18 @@ def _handler(
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            self.server.track(self.connection, True)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            except OSError:  # the connection was cut by Server.stop
+                pass
+            finally:
+                self.server.track(self.connection, False)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             log.debug("%s " + format, self.address_string(), *args)
@@ -174,7 +212,7 @@ def _handler(
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+            except OSError:  # the client timed out and left, or Server.stop cut the connection
                 pass
 
     return Handler

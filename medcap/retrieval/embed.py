@@ -5,6 +5,7 @@ manifest with the cache key. While it is being made, each batch is saved as a ch
 ``SPLIT.partial/`` (``chunk-000007.npy`` + ``chunk-000007.ids.json``) under a manifest holding
 the key, so a crash loses one batch: a rerun with the same key embeds only the missing IDs;
 a rerun with another key starts afresh. A fresh artifact is returned without loading the encoder.
+A batch that runs out of GPU memory is encoded in halves, and the smaller size is kept (``medcap.models.oom``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcap.config import EncoderConfig
+from medcap.models.oom import HalvingBatches
 from medcap.records import Example
 from medcap.runs import Manifest, is_fresh, write_atomic, write_json
 
@@ -139,13 +141,23 @@ def _embed_into_chunks(
     folder.mkdir(parents=True, exist_ok=True)
     Manifest(STAGE, key, complete=False).write(folder / "chunks")
     number = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob("chunk-*.npy")), default=-1)
+    halving = HalvingBatches(cfg.batch_size, f"embed {cfg.name}", hint="lower retrieval.encoder.batch_size")
     with tqdm(total=total, initial=total - len(todo), desc=f"embed {folder.stem}", unit="img") as bar:
         for batch_ids, pixels in _batches(encoder.preprocess, todo, cfg.batch_size, cfg.num_workers):
-            vectors = _to_float16(encoder.encode_pixels(pixels))
+            vectors = _to_float16(_encode(encoder, pixels, halving))
             _save_chunk(folder, number, batch_ids, vectors)
             done.update(zip(batch_ids, vectors, strict=True))
             number += 1
             bar.update(len(batch_ids))
+
+
+def _encode(encoder: Any, pixels: Any, halving: HalvingBatches) -> np.ndarray:
+    """Encode one loaded batch, in slices of ``halving.size`` rows (fewer after an out-of-memory error)."""
+
+    def rows(part: range) -> list[np.ndarray]:
+        return list(np.asarray(encoder.encode_pixels(pixels[part.start : part.stop])))
+
+    return np.stack(halving.run(range(len(pixels)), rows))
 
 
 def _assemble(ids: list[str], done: dict[str, np.ndarray]) -> np.ndarray:
