@@ -46,6 +46,7 @@ def main() -> None:
     n, queries = ("20000", "200") if args.quick else ("100000", "1000")
     run("retrieval.py", "--n", n, "--queries", queries, "--images", "32" if args.quick else "64")
     run("generate.py", "--n", "8" if args.quick else "16")
+    run("scale.py", *(["--sizes", "2000,6000,20000", "--repeat", "1"] if args.quick else []))
     if args.e2e:
         end_to_end(args.e2e_images)
 
