@@ -222,11 +222,13 @@ class BertScorer:
 
 
 def _prf(p: Any, r: Any) -> np.ndarray:
-    """Stack P, R, F (bert-score's F: NaN -> 0) as float64 numpy with a last axis of 3."""
+    """P, R, F stacked on a last axis of 3, float64 numpy; NaN (a sentence whose weights sum to 0) -> 0.
+
+    bert-score sets only F's NaN to 0; medcap's BERTScore has always scored any NaN measure 0.
+    """
     f = 2 * p * r / (p + r)
     out = np.stack([p.double().cpu().numpy(), r.double().cpu().numpy(), f.double().cpu().numpy()], axis=-1)
-    out[..., 2] = np.nan_to_num(out[..., 2], nan=0.0)
-    return out
+    return np.nan_to_num(out, nan=0.0)
 
 
 def _blank_scores(hyps: Sequence[str], refs: Sequence[str], out: np.ndarray) -> np.ndarray:

@@ -104,9 +104,8 @@ def not_comparable(spec: SuiteSpec, ran: list[str], settings: dict[str, Any]) ->
     model, layers = settings.get("bertscore_model"), settings.get("bertscore_num_layers")
     if "bertscore" in ran:
         if model != ORGANISERS_BERTSCORE or layers not in (None, 40):
-            flags["bertscore"] = (
-                f"BERTScore model {model!r} (layer {layers}), not the organisers' {ORGANISERS_BERTSCORE}"
-            )
+            layer = f" (layer {layers})" if layers is not None else ""
+            flags["bertscore"] = f"BERTScore model {model!r}{layer}, not the organisers' {ORGANISERS_BERTSCORE}"
         elif settings.get("bertscore_measure") not in (None, spec.bertscore_measure):
             flags["bertscore"] = (
                 f"BERTScore {settings['bertscore_measure']}, not the organisers' {spec.bertscore_measure}"

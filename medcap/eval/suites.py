@@ -290,6 +290,7 @@ def _figures(
     c: _Context, ids: list[str], scores: dict[str, float], columns: dict[str, list[float]], skipped: dict[str, str]
 ) -> None:
     """Add ``distinct`` and, with the suite's BERTScore, ``specificity`` and ``median_rank`` (``own_rank`` per image)."""
+    from medcap.eval.bertscore import idf_weights
     from medcap.eval.imageclef import preprocess
 
     scores["distinct"] = float(distinct_captions([c.res[i][0] for i in ids]))
@@ -304,14 +305,10 @@ def _figures(
         skipped["specificity"] = skipped["median_rank"] = why
         return
     cfg = SpecificityConfig(exact_max=c.cfg.specificity_exact_max, sample=c.cfg.specificity_sample, seed=c.cfg.seed)
-    # the scorer still carries the idf weights the BERTScore metric set on it
-    result = specificity(
-        _scorer(c),
-        [preprocess(c.res[i][0]) for i in ids],
-        [preprocess(c.gts[i][0]) for i in ids],
-        measure=c.cfg.bertscore_measure or c.spec.bertscore_measure,
-        cfg=cfg,
-    )
+    scorer, refs = _scorer(c), [preprocess(c.gts[i][0]) for i in ids]
+    scorer.idf = idf_weights(scorer.tokenizer, refs) if c.spec.bertscore_idf else None  # as the metric weighs
+    measure = c.cfg.bertscore_measure or c.spec.bertscore_measure
+    result = specificity(scorer, [preprocess(c.res[i][0]) for i in ids], refs, measure=measure, cfg=cfg)
     columns["specificity"] = result.specificity.tolist()
     columns["own_rank"] = result.own_rank.tolist()
     scores["specificity"] = float(result.specificity.mean())
