@@ -1,6 +1,6 @@
 """Benchmark of the specificity figures' caption x reference BERTScore matrix (MiniLM, the offline model).
 
-    python bench/specificity.py [--n 200] [--big 3000] [--sample 1000]
+    python bench/specificity.py [--n 200] [--big 1800] [--sample 1000]     (--n 0 / --big 0: skip a part)
 
 Part 1 scores n captions against n references (n^2 pairs) two ways on the same texts: the
 baseline is bert-score's own batched ``BERTScorer.score`` over the flattened pairs (what
@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=1800)
     parser.add_argument("--sample", type=int, default=1000)
     args = parser.parse_args()
-    part1(args.n)
+    if args.n:
+        part1(args.n)
     if args.big:
         part2(args.big, args.sample)
 
