@@ -14,8 +14,8 @@ These are the figures of ``shared/tools/reference_score.py`` (BERTScore F1, no i
 layer 6, exact n x n), which agrees with them on the same inputs (``docs/metrics.md``).
 
 Scoring every caption against every reference costs n^2 pairs: fine up to ``exact_max`` images
-(2,000: 4M pairs), not for an ImageCLEF test set (17,237: 297M). Beyond, the images are shuffled
-(seeded) into groups of ``group``; each group is scored against ``sample`` references drawn
+(2,000: 4M pairs), not for an ImageCLEF test set (17,237: 297M). Beyond, the images are put in groups
+of ``group`` captions of similar length; each group is scored against ``sample`` references drawn
 without replacement (an image's own reference is left out of its comparison when drawn), so
 each caption is compared with ~``sample`` others drawn uniformly: an unbiased estimate of its
 mean over all others and of its rank, ``1 + (n - 1) * share of sampled references scoring higher``.
@@ -104,7 +104,9 @@ def _sampled(
 ) -> Specificity:
     n = len(hyps)
     rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(n)
+    # groups of similar length pad little in one matrix product; which captions share a draw
+    # does not bias anyone's estimate (each draw is uniform and independent of the group)
+    order = np.lexsort((rng.permutation(n), [len(h.split()) for h in hyps]))
     spec, rank, own_all = np.empty(n), np.empty(n), np.empty(n)
     k = min(cfg.sample, n)
     compared = []
