@@ -211,7 +211,7 @@ class FuserConfig:
 
 @dataclass
 class EvalConfig:
-    suite: str = "imageclef2024"  # imageclef2023 | imageclef2024 | imageclef2025: metric set and preprocessing
+    suite: str = "imageclef2024"  # imageclef2023 | 2024 | 2025 | 2026: metric set, means and preprocessing
     metrics: list[str] | None = field(default_factory=lambda: ["bertscore", "rouge1"])  # a subset; None: all
     bertscore_model: str = "microsoft/deberta-xlarge-mnli"  # hub id, local path, or "minilm" (offline)
     bertscore_num_layers: int | None = None  # required for local paths (bert-score cannot guess)
@@ -225,6 +225,12 @@ class EvalConfig:
     clinicalbleurt_checkpoint: str | None = None  # ClinicalBLEURT checkpoint; skipped when unset
     medbertscore_model: str | None = None  # MedBERTScore's BERT model; skipped when unset
     medbertscore_num_layers: int | None = None
+    alignscore_checkpoint: str | None = None  # AlignScore-base.ckpt (2025/2026 factuality); None: skipped
+    alignscore_model: str = "roberta-base"  # AlignScore's backbone: hub id or local folder
+    medcat_model_pack: str | None = None  # MedCAT model pack, zip or folder (the organisers': UMLS); None: skipped
+    specificity: bool = True  # specificity and own-reference rank beside BERTScore (medcap/eval/specificity.py)
+    specificity_exact_max: int = 2000  # every caption x every reference up to this many images
+    specificity_sample: int = 1000  # beyond: references sampled per caption
 
 
 @dataclass

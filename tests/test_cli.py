@@ -36,7 +36,7 @@ def test_run_prints_one_table_says_what_was_submitted_and_keeps_a_log(config, tm
     run = tmp_path / "runs" / "cli"
     assert "submitted: consensus -> " in res.output and "submissions/consensus.csv" in res.output
     header = next(line for line in res.output.splitlines() if line.startswith("caption set"))
-    assert header.split() == ["caption", "set", "split", "n", "rouge1"]
+    assert header.split() == ["caption", "set", "split", "n", "rouge1", "distinct"]
     rows = [line for line in res.output.splitlines() if line.startswith(("nearest ", "consensus "))]
     assert len(rows) == 4 and len({len(r) for r in rows}) == 1  # aligned: one width
     log = (run / "logs" / "run.log").read_text()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.skipif(not MEDPIX.is_dir(), reason=f"real data not found at {MEDPIX}")
 def test_medpix2_run_writes_neighbours_candidates_submission_and_scores(tmp_path):
     config = tmp_path / "medpix2.yaml"
-    shutil.copy(REPO / "configs" / "medpix2.yaml", config)
+    shutil.copy(REPO / "medcap" / "profiles" / "medpix2.yaml", config)
     args = ["run", str(config), "--set", f"data.root={MEDPIX}", "--set", f"runs_dir={tmp_path}"]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -76,3 +76,13 @@ def test_paired_inputs_are_checked():
         paired_bootstrap(np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="alternative"):
         randomisation_test(np.ones(3), np.ones(3), alternative="less")
+
+
+def test_bootstrap_ci_of_the_median():
+    values = np.array([1.0, 2.0, 3.0, 4.0, 100.0, 5.0, 6.0, 2.0, 3.0])
+    low, high = bootstrap_ci(values, n_boot=500, statistic="median", seed=1)
+    assert low <= np.median(values) <= high and high < 50  # the outlier moves a mean, not a median
+    mean_low, mean_high = bootstrap_ci(values, n_boot=500, seed=1)
+    assert mean_high > high
+    with pytest.raises(ValueError, match="statistic"):
+        bootstrap_ci(values, statistic="mode")

@@ -14,7 +14,13 @@ HYPS = {"a": "chest x-ray with nodules", "b": "CT of the abdomen", "c": "brain M
 
 
 def test_suites_are_registered():
-    assert set(SUITES) >= {"imageclef2023", "imageclef2024", "imageclef2025"}
+    assert set(SUITES) >= {"imageclef2023", "imageclef2024", "imageclef2025", "imageclef2026"}
+    assert SUITES["imageclef2026"].means == {
+        "relevance": ("bertscore", "rouge1", "similarity", "bleurt"),
+        "factuality": ("medcat", "alignscore"),
+        "overall": ("relevance", "factuality"),
+    }
+    assert SUITES["imageclef2026"].bertscore_idf and SUITES["imageclef2026"].bertscore_measure == "f1"
     assert SUITES["imageclef2025"].bertscore_idf and not SUITES["imageclef2023"].bertscore_idf
     assert SUITES["imageclef2025"].means["primary"] == ("bertscore", "rouge1", "similarity")
 
@@ -31,7 +37,10 @@ def test_2024_suite_text_metrics_and_skipped_models(tmp_path):
         },
     )
     assert result.n == 3
-    assert set(result.metrics) == {"rouge1", "rougeL", "bleu1", "cider"}
+    assert set(result.metrics) == {"rouge1", "rougeL", "bleu1", "cider", "distinct"}
+    assert result.metrics["distinct"] == 3.0
+    assert "BERTScore" in result.skipped["specificity"] and "median_rank" in result.skipped
+    assert result.not_comparable == {}  # no public 2024 evaluator names its models
     for name in ("bertscore", "bleurt", "clipscore", "medbertscore"):
         assert name in result.skipped and result.skipped[name]
         assert name not in result.per_image.columns
@@ -48,7 +57,8 @@ def test_2025_means_are_skipped_with_reasons_when_parts_are_missing():
         "imageclef2025", REFS, HYPS, eval_cfg=EvalConfig(), overrides={"metrics": ["rouge1", "medcat", "alignscore"]}
     )
     assert "rouge1" in result.metrics
-    assert "not implemented" in result.skipped["medcat"]
+    assert "no MedCAT model pack" in result.skipped["medcat"]
+    assert "AlignScore-base.ckpt" in result.skipped["alignscore"]
     assert "bertscore" in result.skipped["primary"] and "medcat" in result.skipped["secondary"]
     assert "primary" not in result.metrics
 

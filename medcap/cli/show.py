@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 METRIC_ORDER = ("bertscore", "rouge1", "specificity", "median_rank", "distinct")
+INTEGER_METRICS = ("median_rank", "distinct")  # a rank and a count
 
 
 def relpath(path: Path) -> str:
@@ -60,6 +61,14 @@ def scores(rows: list[dict]) -> None:
     metrics = [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
     body = [["caption set", "split", "n", *metrics]]
     for r in rows:
-        vals = [f"{r[m]:.4f}" if isinstance(r.get(m), float) else str(r.get(m, "-")) for m in metrics]
+        vals = [_cell(m, r.get(m)) for m in metrics]
         body.append([r["caption_set"], r["split"], str(r.get("n", "-")), *vals])
     click.echo("\n" + table(body, right=set(range(2, len(body[0])))))
+
+
+def _cell(metric: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if metric in INTEGER_METRICS and isinstance(value, (int, float)):
+        return f"{value:.0f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medcap.config import EvalConfig
 from medcap.eval.imageclef import preprocess
 from medcap.models.hub import ModelNotFoundError
+
+if TYPE_CHECKING:
+    from medcap.eval.bertscore import BertScorer
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,16 @@ def resolve_bertscore_model(model: str, num_layers: int | None) -> tuple[str, in
     return model, num_layers
 
 
+def load_bertscorer(
+    model: str, num_layers: int | None = None, *, batch_size: int = 32, device: str = "auto"
+) -> BertScorer:
+    """A loaded :class:`~medcap.eval.bertscore.BertScorer` for ``model`` (resolved by :func:`resolve_bertscore_model`)."""
+    from medcap.eval.bertscore import BertScorer
+
+    model_type, layers = resolve_bertscore_model(model, num_layers)
+    return BertScorer(model_type, layers, batch_size=batch_size, device=device, name=model)
+
+
 def bertscore(
     gts: Refs,
     res: Refs,
@@ -134,60 +146,27 @@ def bertscore(
     device: str = "auto",
     measure: str = "f1",
     clean: bool = True,
+    scorer: BertScorer | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """BERTScore per image with ``bert_score.score`` on preprocessed text, without baseline rescaling.
+    """BERTScore per image on preprocessed text, without baseline rescaling (bert-score's numbers).
 
     ``idf=True`` weights tokens by idf over all references of ``gts`` (the 2025/2026 evaluators
-    compute it over the test set's references). ``measure`` picks F1 (2023, 2026), recall (one
-    2025 evaluator version) or precision. ``model`` is resolved by :func:`resolve_bertscore_model`.
+    compute it over the test set's references). ``measure`` picks F1 (2023, 2025, 2026 code),
+    recall or precision. ``model`` is resolved by :func:`resolve_bertscore_model`; ``scorer``
+    (already loaded, e.g. by a suite that needs the model again) replaces ``model``, ``num_layers``,
+    ``batch_size`` and ``device``, and gets the idf weights of these references set on it.
     """
+    from medcap.eval.bertscore import idf_weights
+
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
-    model_type, layers = resolve_bertscore_model(model, num_layers)
     pairs = _pairs(gts, res, clean)
-    scores = [1.0 if not h and not r else 0.0 for _, h, r in pairs]
-    # bert-score crashes on blank strings with current transformers; a blank side scores 0 anyway
-    todo = [k for k, (_, h, r) in enumerate(pairs) if h.strip() and r.strip()]
-    if todo:
-        import bert_score
-
-        try:
-            weights: Any = _idf_dict([r for _, _, r in pairs], model_type) if idf else False
-            out = bert_score.score(
-                [pairs[k][1] for k in todo],
-                [pairs[k][2] for k in todo],
-                model_type=model_type,
-                num_layers=layers,
-                idf=weights,
-                batch_size=batch_size,
-                device=None if device == "auto" else device,
-                rescale_with_baseline=False,
-            )
-        except OSError as e:  # transformers' "can't load" errors
-            raise ModelNotFoundError(f"BERTScore model {model!r} could not be loaded: {e}") from e
-        values = out[MEASURES.index(measure)].tolist()
-        for k, v in zip(todo, values, strict=True):
-            scores[k] = 0.0 if math.isnan(v) else float(v)
+    if scorer is None:
+        scorer = load_bertscorer(model, num_layers, batch_size=batch_size, device=device)
+    scorer.idf = idf_weights(scorer.tokenizer, [r for _, _, r in pairs]) if idf else None
+    values = scorer.pairs([h for _, h, _ in pairs], [r for _, _, r in pairs])[:, MEASURES.index(measure)]
+    scores = [0.0 if math.isnan(v) else float(v) for v in values]
     return _best(gts, pairs, scores)
-
-
-def _idf_dict(refs: list[str], model_type: str) -> defaultdict[int, float]:
-    """bert-score's ``get_idf_dict`` over ``refs``, counting blank references as documents too.
-
-    bert-score cannot tokenise a blank string with current transformers; a blank document
-    holds only the special tokens, whose weight bert-score's own dict sets to 0 anyway.
-    """
-    from bert_score.utils import get_tokenizer, sent_encode
-
-    tokenizer = get_tokenizer(model_type, use_fast=False)
-    special = set(tokenizer("", add_special_tokens=True)["input_ids"])
-    counts: Counter[int] = Counter()
-    for ref in refs:
-        counts.update(set(sent_encode(tokenizer, ref)) if ref.strip() else special)
-    n = len(refs)
-    weights: defaultdict[int, float] = defaultdict(lambda: math.log((n + 1) / 1))
-    weights.update({tok: math.log((n + 1) / (c + 1)) for tok, c in counts.items()})
-    return weights
 
 
 def _offline() -> bool:

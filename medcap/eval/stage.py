@@ -90,6 +90,8 @@ class Evaluate(Stage):
                 "metrics": result.metrics,
                 "ci": {m: list(v) for m, v in result.ci.items()},
                 "skipped": result.skipped,
+                "not_comparable": result.not_comparable,
+                "settings": result.settings,
                 "per_image": per_image,
             },
         )

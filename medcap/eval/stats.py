@@ -1,6 +1,6 @@
 """Confidence intervals and paired significance tests over per-image scores (vectorised numpy).
 
-- :func:`bootstrap_ci`: percentile bootstrap interval of the mean.
+- :func:`bootstrap_ci`: percentile bootstrap interval of the mean (or the median).
 - :func:`paired_bootstrap`: paired bootstrap test of the mean difference ``a - b``, with the
   resampled differences re-centred on the null (Berg-Kirkpatrick et al., 2012):
   ``p = (1 + #{mean(d*) - mean(d) >= mean(d)}) / (n_boot + 1)`` for H0 ``mean(a) <= mean(b)``
@@ -31,23 +31,31 @@ def _vector(values: np.ndarray, name: str = "values") -> np.ndarray:
     return x
 
 
-def _resampled_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of ``n_boot`` resamples of ``x`` with replacement, drawn in chunks to bound memory."""
+STATISTICS = ("mean", "median")
+
+
+def _resampled_means(x: np.ndarray, n_boot: int, rng: np.random.Generator, statistic: str = "mean") -> np.ndarray:
+    """Means (or medians) of ``n_boot`` resamples of ``x`` with replacement, drawn in chunks to bound memory."""
     n = x.size
     rows = max(1, _CHUNK // n)
     out = np.empty(n_boot)
+    reduce = np.mean if statistic == "mean" else np.median
     for start in range(0, n_boot, rows):
         stop = min(n_boot, start + rows)
-        out[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        out[start:stop] = reduce(x[rng.integers(0, n, size=(stop - start, n))], axis=1)
     return out
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap ``(low, high)`` interval at level ``1 - alpha`` of the mean of ``values``."""
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, statistic: str = "mean"
+) -> tuple[float, float]:
+    """Percentile bootstrap ``(low, high)`` interval at level ``1 - alpha`` of the mean (or median) of ``values``."""
     x = _vector(values)
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    means = _resampled_means(x, n_boot, np.random.default_rng(seed))
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    means = _resampled_means(x, n_boot, np.random.default_rng(seed), statistic)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
