@@ -75,6 +75,8 @@ def quiet_libraries(debug: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # "LOAD REPORT" tables are warnings there
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not on_terminal():  # every library's tqdm bar (weight loading, GGUF conversion) off in logs and pipes
+        os.environ.setdefault("TQDM_DISABLE", "1")
     with contextlib.suppress(ImportError):
         import transformers
 
