@@ -115,7 +115,7 @@ class _Thumbs:
 
 def _set_summary(cs: CaptionSet) -> dict[str, Any]:
     return {"name": cs.name, "kind": cs.kind, "path": str(cs.path), "exists": cs.exists,
-            "submitted": cs.submitted, "n": len(cs.captions), "fallback": len(cs.fallback)}  # fmt: skip
+            "submitted": cs.submitted, "fallback": len(cs.fallback)}  # fmt: skip
 
 
 def _similarity_tip(encoder: str | None) -> str:
