@@ -291,6 +291,7 @@ def forest_figure(table: pd.DataFrame, *, metrics: Sequence[str] | None = None):
 def _forest_panel(ax, table: pd.DataFrame, metric: str, variants: list[str], reference, y) -> None:
     """One metric: intervals and points of every variant but the reference, its diamond at 0, p at the right."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     delta = table[(metric, "delta")].to_numpy(dtype=float)
     low = table[(metric, "delta_low")].to_numpy(dtype=float)
@@ -317,6 +318,7 @@ def _forest_panel(ax, table: pd.DataFrame, metric: str, variants: list[str], ref
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
     ax.tick_params(axis="x", labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # the default crowds a narrow panel's labels
     right = ax.secondary_yaxis("right")
     right.set_yticks(y, [_p_label(table, v, metric, reference) for v in variants], fontsize=7)
     right.tick_params(length=0)
