@@ -105,6 +105,8 @@ def run_ablation(
         if not scores_path.exists():
             raise ConfigError(f"ablation variant {variant.name!r}: split {split!r} has no reference captions to score")
         per_image = pd.DataFrame.from_dict(read_json(scores_path)["per_image"], orient="index").sort_index()
+        first = [m for m in cfg.eval.metrics or [] if m in per_image]  # the configured metrics lead the table
+        per_image = per_image[first + [c for c in per_image if c not in first]]
         scored.append(VariantScores(variant.name, per_image))
         peers.append(pipe.run.root)
         log.info("ablation: %s done (%s)", variant.name, ", ".join(f"{k}={v:.4f}" for k, v in per_image.mean().items()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -235,6 +235,8 @@ class EvalConfig:
 
 @dataclass
 class SubmitConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"variant": "caption_set"}
+
     year: int = 2024  # submission rules of this ImageCLEF year (2023..2026)
     caption_set: str | None = None  # the caption set to submit; default: the last one (fusers come last)
 
@@ -242,6 +244,8 @@ class SubmitConfig:
 @dataclass
 class VariantConfig:
     """One ablation variant: overrides of the run config, and the caption set it is judged by."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"output": "caption_set"}
 
     name: str = "base"
     set: list[str] = field(default_factory=list)  # KEY=VALUE overrides, as with --set

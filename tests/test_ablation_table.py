@@ -12,6 +12,7 @@ from medcap.eval.ablation import (
     PLOT_DPI,
     VariantScores,
     ablation_table,
+    forest_figure,
     plot_ablation,
     plot_size,
     write_ablation_md,
@@ -58,10 +59,25 @@ def test_means_intervals_and_deltas_match_hand_computed(variants):
     assert table.loc["base", ("bertscore", "n")] == 40
 
 
+def test_delta_interval_is_the_bootstrap_of_the_paired_differences(variants):
+    table = ablation_table(variants, "base", n_boot=N_BOOT, seed=3)
+    base, better = variants[0].per_image, variants[1].per_image
+    for metric in ("bertscore", "rouge1"):
+        diff = (better[metric] - base[metric].iloc[:30]).to_numpy()
+        row = table.loc["better"]
+        expected = bootstrap_ci(diff, n_boot=N_BOOT, seed=3)
+        assert (row[(metric, "delta_low")], row[(metric, "delta_high")]) == pytest.approx(expected)
+        assert 0 < row[(metric, "delta_low")] <= row[(metric, "delta")] <= row[(metric, "delta_high")]
+    same = table.loc["same"]  # noise around base: its interval holds 0
+    assert same[("bertscore", "delta_low")] < 0 < same[("bertscore", "delta_high")]
+    assert math.isnan(same[("rouge1", "delta_low")])  # no rouge1, no interval
+
+
 def test_reference_row_has_zero_delta_and_no_p(variants):
     table = ablation_table(variants, "base", n_boot=N_BOOT)
     for metric in ("bertscore", "rouge1"):
         assert table.loc["base", (metric, "delta")] == 0
+        assert table.loc["base", (metric, "delta_low")] == table.loc["base", (metric, "delta_high")] == 0
         assert math.isnan(table.loc["base", (metric, "p_bootstrap")])
         assert math.isnan(table.loc["base", (metric, "p_randomisation")])
 
@@ -95,7 +111,16 @@ def test_markdown_has_every_variant_and_metric_and_bolds_the_best(variants, tmp_
     )
     text = path.read_text()
     assert text.startswith("# Ablation of test\n")
-    for name in ("base (reference)", "better", "same", "odd\\|name", "bertscore", "rouge1", "Δ bertscore", "- seed 0"):
+    for name in (
+        "base (reference)",
+        "better",
+        "same",
+        "odd\\|name",
+        "bertscore",
+        "rouge1",
+        "Δ bertscore [95% CI]",
+        "- seed 0",
+    ):
         assert name in text, name
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 4  # header + one per variant
@@ -103,10 +128,16 @@ def test_markdown_has_every_variant_and_metric_and_bolds_the_best(variants, tmp_
     better = next(line for line in rows if line.startswith("| better"))
     mean = table.loc["better", ("bertscore", "mean")]
     assert f"**{mean:.4f} [" in better  # best bertscore in bold
-    assert re.search(r"\| \*\*\d\.\d{4} \[\d\.\d{2}, \d\.\d{2}\]\*\* \| \+0\.\d{4} \| <?0\.\d{3} \|", better)
+    row = table.loc["better"]
+    delta = f"{row[('bertscore', 'delta')]:+.4f} [{row[('bertscore', 'delta_low')]:+.3f}, {row[('bertscore', 'delta_high')]:+.3f}]"
+    assert re.search(
+        r"\| \*\*\d\.\d{4} \[\d\.\d{2}, \d\.\d{2}\]\*\* \| " + re.escape(delta) + r" \| <?0\.\d{3} \|", better
+    )
 
-    page = markdown_html(text)  # what the report shows of it
-    assert page.count("<tr>") == 5 and "odd|name" in page and "<b>" in page
+    page = markdown_html(text)  # what the report shows of it: each interval on a line of its own
+    assert page.count("<tr>") == 5 and "odd|name" in page
+    assert f'<b>{mean:.4f}<br /><span class="ci">[' in page
+    assert f'{row[("bertscore", "delta")]:+.4f}<br /><span class="ci">[{row[("bertscore", "delta_low")]:+.3f}, ' in page
 
 
 def test_plot_writes_a_png_of_the_expected_size(variants, tmp_path):
@@ -115,10 +146,36 @@ def test_plot_writes_a_png_of_the_expected_size(variants, tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG"
         w, h = plot_size(3, 2)
-        assert im.size == (round(w * PLOT_DPI), round(h * PLOT_DPI))
+        assert im.size == pytest.approx((w * PLOT_DPI, h * PLOT_DPI), abs=1)  # matplotlib truncates
         assert len(set(im.convert("L").getdata())) > 20  # something is drawn
     one = plot_ablation(table, tmp_path / "one.png", metrics=["rouge1"])
     with Image.open(one) as im:
-        assert im.size[1] == round(plot_size(3, 1)[1] * PLOT_DPI)
+        assert im.size[1] == pytest.approx(plot_size(3, 1)[1] * PLOT_DPI, abs=1)
     with pytest.raises(ValueError, match="bleu"):
         plot_ablation(table, tmp_path / "x.png", metrics=["bleu"])
+    assert plot_size(7, 5)[1] > plot_size(7, 3)[1]  # more than three metrics: a second row of panels
+
+
+def test_forest_plot_draws_each_delta_with_its_interval_zero_line_and_p(variants):
+    table = ablation_table(variants, "base", n_boot=N_BOOT)
+    fig = forest_figure(table)
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["bertscore", "rouge1"]
+    for ax, metric in zip(panels, ("bertscore", "rouge1"), strict=True):
+        assert any(list(line.get_xdata()) == [0, 0] for line in ax.get_lines())  # the line at Δ = 0
+        shown = [v for v in ("better", "same") if not math.isnan(table.loc[v, (metric, "delta")])]
+        segments = ax.containers[0].lines[2][0].get_segments()  # the interval bars, first variant first
+        for v, seg in zip(shown, segments, strict=True):
+            assert (seg[0][0], seg[1][0]) == pytest.approx((table.loc[v, (metric, "delta_low")],
+                                                            table.loc[v, (metric, "delta_high")]))  # fmt: skip
+        low, high = ax.get_xlim()
+        assert low < min(0, table[(metric, "delta_low")].min()) and high > table[(metric, "delta_high")].max()
+        (right,) = ax.child_axes  # the p-values at the right of each row, top row first
+        p = table.loc["better", (metric, "p_randomisation")]
+        expected = ["reference", f"p={p:.3f}" if p >= 0.001 else "p<0.001"]
+        expected.append("n/a" if metric == "rouge1" else f"p={table.loc['same', (metric, 'p_randomisation')]:.3f}")
+        labels = [t.get_text() for t in right.get_yticklabels()]
+        assert labels[::-1] == expected or labels == expected
+    ticks = [t.get_text() for t in panels[0].get_yticklabels()]
+    assert "base (reference)" in ticks

@@ -3,8 +3,10 @@
 A *variant* is one caption set of a run (a generator, the synthesis, the fused caption, or the
 same pipeline with a stage dropped or swapped) scored image by image. :func:`ablation_table`
 gives, per variant and metric, the mean with a 95% bootstrap confidence interval, and against
-the reference variant the mean paired difference with the p-values of a paired bootstrap and of
-a randomisation test, both on the images the two variants have in common. Every metric is taken
+the reference variant the mean paired difference with its own 95% interval (a bootstrap of the
+per-image differences) and the p-values of a paired bootstrap and of a randomisation test, all on
+the images the two variants have in common. :func:`plot_ablation` draws those differences as a
+forest plot. Every metric is taken
 to be higher-is-better (true of all ImageCLEF caption metrics). The driver that runs the
 variants lives elsewhere; this module only computes and renders.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOWER_IS_BETTER = frozenset({"own_rank"})  # the rank of the image's own reference (1 = best)
+
 TWO_SIDED = "two-sided"  # Δ may go either way; both tests answer "is there any difference"
-FIELDS = ("mean", "ci_low", "ci_high", "delta", "p_bootstrap", "p_randomisation", "n", "n_paired")
+FIELDS = (
+    "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high", "p_bootstrap", "p_randomisation", "n", "n_paired"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,10 @@ def ablation_table(
 ) -> pd.DataFrame:
     """Rows: variants (in the given order); columns: ``(metric, field)`` for each field of :data:`FIELDS`.
 
-    ``delta`` is the mean of (variant - reference) over the images both have a score for, and
-    the p-values test that difference (two-sided); the reference row has delta 0 and no p-value.
+    ``delta`` is the mean of (variant - reference) over the images both have a score for,
+    ``delta_low``/``delta_high`` its 95% percentile interval from the same paired resamples as
+    ``p_bootstrap``, and the p-values test that difference (two-sided); the reference row has
+    delta 0 with a zero-width interval and no p-value.
     ``table.attrs`` carries ``reference``, ``n_boot`` and ``seed``.
     """
     import numpy as np
@@ -85,8 +94,10 @@ def ablation_table(
                 a, b = paired.iloc[:, 0].to_numpy(), paired.iloc[:, 1].to_numpy()
                 stats["delta"] = float(np.mean(a - b))
                 if v.name == reference:
-                    stats["delta"] = 0.0
+                    stats["delta"] = stats["delta_low"] = stats["delta_high"] = 0.0
                 else:
+                    low, high = bootstrap_ci(a - b, n_boot=n_boot, seed=seed)
+                    stats["delta_low"], stats["delta_high"] = float(low), float(high)
                     stats["p_bootstrap"] = float(
                         paired_bootstrap(a, b, n_boot=n_boot, seed=seed, alternative=TWO_SIDED)
                     )
@@ -130,8 +141,8 @@ def write_ablation_md(
     notes: Sequence[str] = (),
     primary: Sequence[str] | None = None,
 ) -> Path:
-    """Write the table as Markdown: ``mean [CI]`` per metric, Δ and p for the ``primary`` metrics
-    (default: the first), the best mean of each metric in bold. Written atomically."""
+    """Write the table as Markdown: ``mean [CI]`` per metric, ``Δ [CI]`` and both p-values for the
+    ``primary`` metrics (default: the first), the best mean of each metric in bold. Written atomically."""
     metrics = table_metrics(table)
     primary = [m for m in (metrics[:1] if primary is None else primary) if m in metrics]
     n_boot = table.attrs.get("n_boot")
@@ -139,14 +150,18 @@ def write_ablation_md(
     for m in metrics:
         head.append(m)
         if m in primary:
-            head += [f"Δ {m}", "p (bootstrap)", "p (randomisation)"]
-    best = {m: table[(m, "mean")].max(skipna=True) for m in metrics}
+            head += [f"Δ {m} [95% CI]", "p (bootstrap)", "p (randomisation)"]
+    best = {
+        m: table[(m, "mean")].min(skipna=True) if m in LOWER_IS_BETTER else table[(m, "mean")].max(skipna=True)
+        for m in metrics
+    }
 
     lines = [f"# {title}", ""]
     lines.append(
         f"Mean per image with a 95% bootstrap confidence interval"
         f"{f' ({n_boot} resamples)' if n_boot else ''}; Δ is the mean paired difference from the "
-        f"reference `{reference}` on the images both have, with two-sided p-values; best mean in bold."
+        f"reference `{reference}` on the images both have, with its 95% interval (bootstrap of the "
+        f"per-image differences) and two-sided p-values; best mean in bold."
     )
     lines += [
         "",
@@ -166,7 +181,8 @@ def write_ablation_md(
                 if name == reference:
                     cells += ["—", "—", "—"]
                 else:
-                    cells += [_signed(row[(m, "delta")]), _p(row[(m, "p_bootstrap")]), _p(row[(m, "p_randomisation")])]
+                    delta = _delta_ci(row[(m, "delta")], row[(m, "delta_low")], row[(m, "delta_high")])
+                    cells += [delta, _p(row[(m, "p_bootstrap")]), _p(row[(m, "p_randomisation")])]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines.append("")
@@ -190,74 +206,133 @@ def _signed(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:+.4f}"
 
 
+def _delta_ci(delta: float, low: float, high: float) -> str:
+    if math.isnan(low) or math.isnan(high):
+        return _signed(delta)
+    return f"{_signed(delta)} [{low:+.3f}, {high:+.3f}]"
+
+
 def _p(value: float) -> str:
     if math.isnan(value):
         return "–"
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
-# --------------------------------------------------------------------------- plot
+# --------------------------------------------------------------------------- forest plot
 
-PLOT_WIDTH_IN = 9.0
 PLOT_DPI = 150
+PANEL_COLUMNS = 3  # panels per row, so that the PNG stays legible at a page's width
+PANEL_WIDTH_IN = 3.2
+LABEL_WIDTH_IN = 1.7  # the variant names left of the first column
+ROW_HEIGHT_IN = 0.3  # per variant
+REFERENCE_COLOUR = "#b8860b"
+POINT_COLOUR = "#1f4e9c"
+P_FIELDS = ("p_randomisation", "p_bootstrap")  # the p printed: the sign-flip test, exact for small n
 
 
 def plot_size(n_variants: int, n_metrics: int) -> tuple[float, float]:
-    """The figure size in inches of :func:`plot_ablation`: one panel per metric, side by side."""
-    return max(PLOT_WIDTH_IN, 2.6 * n_metrics + 1.6), max(3.0, 1.4 + 0.42 * n_variants)
+    """The figure size in inches of :func:`plot_ablation`: a grid of panels, :data:`PANEL_COLUMNS` wide."""
+    cols = max(1, min(n_metrics, PANEL_COLUMNS))
+    rows = max(1, math.ceil(n_metrics / cols))
+    return max(6.0, LABEL_WIDTH_IN + cols * PANEL_WIDTH_IN), rows * (1.1 + ROW_HEIGHT_IN * n_variants) + 0.45
 
 
 def plot_ablation(table: pd.DataFrame, path: Path, *, metrics: Sequence[str] | None = None) -> Path:
-    """One panel per metric (each on its own scale), a horizontal bar per variant with its 95% CI.
-
-    The reference variant (``table.attrs["reference"]``) is shaded and labelled in bold, and a
-    dashed line marks its mean in every panel. The PNG is ``plot_size(...)`` inches at
-    :data:`PLOT_DPI` and is written atomically.
-    """
+    """Write :func:`forest_figure` as a PNG of ``plot_size(...)`` inches at :data:`PLOT_DPI`, atomically."""
     import io
 
+    fig = forest_figure(table, metrics=metrics)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI)
+    return write_atomic(path, buf.getvalue())
+
+
+def forest_figure(table: pd.DataFrame, *, metrics: Sequence[str] | None = None):
+    """A forest plot of the table: one panel per metric, each variant's Δ against the reference.
+
+    Each variant is a point at its mean paired difference with a bar over its 95% interval
+    (filled where the interval excludes 0), a vertical line marks Δ = 0, the p-value of the
+    randomisation test is printed at the right of each row, and the reference (Δ = 0 by
+    definition) is a labelled diamond. Returns a matplotlib ``Figure`` (Agg canvas, no pyplot).
+    """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     metrics = list(metrics) if metrics is not None else table_metrics(table)
     missing = [m for m in metrics if m not in table_metrics(table)]
-    if missing:
-        raise ValueError(f"metrics {missing} are not in the table; it has {table_metrics(table)}")
+    if missing or not metrics:
+        raise ValueError(f"metrics {missing or metrics} are not in the table; it has {table_metrics(table)}")
     reference = table.attrs.get("reference")
     variants = [str(v) for v in table.index]
-    fig = Figure(figsize=plot_size(len(variants), len(metrics)), dpi=PLOT_DPI)
+    cols = min(len(metrics), PANEL_COLUMNS)
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=plot_size(len(variants), len(metrics)), dpi=PLOT_DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    grid = fig.subplots(rows, cols, sharey=True, squeeze=False)
     y = np.arange(len(variants))[::-1].astype(float)  # first variant on top
-    for i, (ax, metric) in enumerate(zip(axes, metrics, strict=True)):
-        mean = table[(metric, "mean")].to_numpy(dtype=float)
-        low = table[(metric, "ci_low")].to_numpy(dtype=float)
-        high = table[(metric, "ci_high")].to_numpy(dtype=float)
-        err = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)]).clip(min=0)
-        colours = ["#b8860b" if v == reference else f"C{i % 10}" for v in variants]
-        ax.barh(y, np.nan_to_num(mean), height=0.7, color=colours,
-                xerr=err, error_kw={"ecolor": "0.25", "capsize": 3, "elinewidth": 1})  # fmt: skip
-        top = float(np.nanmax(np.concatenate([high, mean]), initial=0.0))
-        for p, m, h in zip(y, mean, high, strict=True):
-            if not math.isnan(m):
-                ax.text((h if not math.isnan(h) else m) + 0.02 * max(top, 1e-9), p, f"{m:.3f}", va="center",
-                        fontsize=7)  # fmt: skip
-        if reference in variants and not math.isnan(mean[variants.index(reference)]):
-            ax.axvline(mean[variants.index(reference)], color="0.35", linestyle="--", linewidth=0.8)
-        ax.set_xlim(0, max(top * 1.25, 0.05))
-        ax.set_title(metric, fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_axisbelow(True)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.tick_params(axis="x", labelsize=7)
-    axes[0].set_yticks(y, [f"{v}\n(reference)" if v == reference else v for v in variants])
-    for label, v in zip(axes[0].get_yticklabels(), variants, strict=True):
-        if v == reference:
-            label.set_fontweight("bold")
-    axes[0].set_ylim(y.min() - 0.6, y.max() + 0.6)
-    fig.supxlabel("mean per image (95% bootstrap CI); dashed: the reference", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=PLOT_DPI)
-    return write_atomic(path, buf.getvalue())
+    for ax, metric in zip(grid.flat, metrics, strict=False):
+        _forest_panel(ax, table, metric, variants, reference, y)
+    for ax in grid.flat[len(metrics) :]:
+        ax.set_visible(False)
+    labels = [f"{v} (reference)" if v == reference else v for v in variants]
+    for ax in grid[:, 0]:
+        ax.set_yticks(y, labels, fontsize=8)
+        for label, v in zip(ax.get_yticklabels(), variants, strict=True):
+            if v == reference:
+                label.set_fontweight("bold")
+        ax.set_ylim(y.min() - 0.7, y.max() + 0.7)
+    n_boot = table.attrs.get("n_boot")
+    note = (
+        f"Δ: mean per-image difference from the reference {reference!r} (point) with its 95% paired bootstrap "
+        f"interval{f' ({n_boot} resamples)' if n_boot else ''} (bar); filled: the interval excludes 0; "
+        "p: two-sided sign-flip randomisation test"
+    )
+    width_chars = int(fig.get_figwidth() * 17)  # ~17 characters of 7 pt type per inch
+    fig.supxlabel(textwrap.fill(note, width_chars), fontsize=7, color="0.3")
+    return fig
+
+
+def _forest_panel(ax, table: pd.DataFrame, metric: str, variants: list[str], reference, y) -> None:
+    """One metric: intervals and points of every variant but the reference, its diamond at 0, p at the right."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    delta = table[(metric, "delta")].to_numpy(dtype=float)
+    low = table[(metric, "delta_low")].to_numpy(dtype=float)
+    high = table[(metric, "delta_high")].to_numpy(dtype=float)
+    shown = np.array([v != reference and not math.isnan(d) for v, d in zip(variants, delta, strict=True)])
+    ax.axvline(0.0, color="0.3", linewidth=0.9, zorder=1)
+    if shown.any():
+        d = delta[shown]
+        lo, hi = np.where(np.isnan(low), delta, low)[shown], np.where(np.isnan(high), delta, high)[shown]
+        ax.errorbar(d, y[shown], xerr=np.vstack([d - lo, hi - d]).clip(min=0), fmt="none",
+                    ecolor=POINT_COLOUR, elinewidth=1.4, capsize=3, zorder=2)  # fmt: skip
+        excludes = (lo > 0) | (hi < 0)
+        ax.scatter(d, y[shown], s=30, zorder=3, edgecolors=POINT_COLOUR, linewidths=1.2,
+                   facecolors=[POINT_COLOUR if e else "white" for e in excludes])  # fmt: skip
+    if reference in variants:
+        ax.scatter([0.0], [y[variants.index(reference)]], marker="D", s=36, color=REFERENCE_COLOUR, zorder=3)
+    ends = np.concatenate([[0.0], low[shown], high[shown], delta[shown]])
+    ends = ends[~np.isnan(ends)]
+    span = max(float(ends.max() - ends.min()), 1e-3)
+    ax.set_xlim(float(ends.min()) - 0.08 * span, float(ends.max()) + 0.08 * span)
+    ax.set_title(metric, fontsize=10)
+    ax.set_xlabel(f"Δ {metric}", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # the default crowds a narrow panel's labels
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(y, [_p_label(table, v, metric, reference) for v in variants], fontsize=7)
+    right.tick_params(length=0)
+    right.spines["right"].set_visible(False)
+
+
+def _p_label(table: pd.DataFrame, variant: str, metric: str, reference) -> str:
+    if variant == reference:
+        return "reference"
+    p = next((table.loc[variant, (metric, f)] for f in P_FIELDS if not math.isnan(table.loc[variant, (metric, f)])),
+             math.nan)  # fmt: skip
+    return "n/a" if math.isnan(p) else f"p{_p(p)}" if p < 0.001 else f"p={_p(p)}"

@@ -1,10 +1,10 @@
 """The static HTML report of a run: one self-contained file to read a run image by image.
 
-``write_report`` reads the run directory (neighbours, candidates of every generator, synthesis and
-fused captions when present, per-image and corpus scores, ``ablation.md`` and ``ablation.png``)
-and the images named by the run's ``config.yaml``, and writes ``report.html``: thumbnails as
-base64 JPEG data URIs, every text escaped, a filter box and a sort menu in a few lines of inline
-JavaScript, no external file, script or font. See docs/report.md.
+``write_report`` reads the run directory (``report_run.read_run``: every caption set of the run in
+pipeline order, neighbours, scores, ``ablation.md`` and ``ablation.png``) and the images named by
+the run's ``config.yaml``, and writes ``report.html``: thumbnails as base64 JPEG data URIs, every
+text escaped, a filter box and a sort menu in a few lines of inline JavaScript, no external file,
+script or font. See docs/report.md.
 """
 
 from __future__ import annotations
@@ -12,55 +12,20 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medcap.eval.report_run import CaptionSet, RunView, read_run
 from medcap.records import Example
-from medcap.runs import RunDir, read_json, read_jsonl, write_atomic
+from medcap.runs import RunDir, write_atomic
 
 log = logging.getLogger(__name__)
 
 QUERY_SIDE = 256  # max side of a query thumbnail, pixels
 NEIGHBOUR_SIDE = 96
-STAGE_OUTPUTS = ("synthesis", "fused")  # later stages: run_dir/STAGE/SPLIT.jsonl, rows like candidates
-
-
-@dataclass
-class CaptionSet:
-    """One set of captions for the split: a generator's candidates, the synthesis or the fused captions."""
-
-    label: str
-    kind: str  # candidate | synthesis | fused
-    captions: dict[str, str]
-    aliases: tuple[str, ...] = ()  # other names its scores file may use
-
-
-@dataclass
-class RunView:
-    """What the report shows of one split of a run, read from the run directory."""
-
-    name: str
-    split: str
-    ids: list[str]
-    examples: dict[str, Example] = field(default_factory=dict)
-    index_examples: dict[str, Example] = field(default_factory=dict)
-    neighbours: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    caption_sets: list[CaptionSet] = field(default_factory=list)
-    scores: list[dict[str, Any]] = field(default_factory=list)  # every scores/*.json of the run
-    summary: list[str] = field(default_factory=list)
-    thumbs: dict[tuple[str, int], str | None] = field(default_factory=dict)  # a neighbour recurs across queries
-
-    def thumb(self, ex: Example | None, side: int) -> str | None:
-        if ex is None:
-            return None
-        if (ex.id, side) not in self.thumbs:
-            self.thumbs[ex.id, side] = _thumb(ex, side)
-        return self.thumbs[ex.id, side]
 
 
 def write_report(
@@ -71,40 +36,52 @@ def write_report(
     ``split`` defaults to the first query split of the config that has artifacts; ``max_images``
     keeps the first N images of the split (the report embeds ~10 KB of thumbnails per image).
     """
-    from markupsafe import Markup
-
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
         raise FileNotFoundError(f"{run.root}: no such run directory")
     view = read_run(run, split)
+    shown = len(view.ids) if max_images is None else min(max_images, len(view.ids))
+    out = Path(out) if out is not None else run.root / "report.html"
+    write_atomic(out, render_report(view, run.root, max_images=max_images))
+    log.info("report: %s (%d images, %.1f MB)", out, shown, out.stat().st_size / 1e6)
+    return out
+
+
+def render_report(view: RunView, root: Path, *, max_images: int | None = None) -> str:
+    """The HTML page of ``view``; ``root`` is the run directory holding ``ablation.md``/``ablation.png``."""
+    from jinja2 import Environment, StrictUndefined
+    from markupsafe import Markup
+
+    from medcap.eval.report_template import TEMPLATE
+
     shown = view.ids if max_images is None else view.ids[:max_images]
     if len(shown) > 2000:
         log.warning("report: %d images make a large page; pass max_images to show fewer", len(shown))
     per_image = {s["caption_set"]: s.get("per_image", {}) for s in view.scores if s.get("split") == view.split}
-    sources = [(cs, _scores_for(cs, per_image)) for cs in view.caption_sets]
+    sources = [(cs, per_image.get(cs.name, {})) for cs in view.caption_sets]
     metrics = list(dict.fromkeys(m for _, sc in sources for row in sc.values() for m in row))
     sort_keys = [
-        {"key": f"s{i}", "label": f"{cs.label} · {m}", "source": j, "metric": m}
+        {"key": f"s{i}", "label": f"{cs.name} · {m}", "source": j, "metric": m}
         for i, (j, cs, m) in enumerate(
             (j, cs, m) for j, (cs, sc) in enumerate(sources) for m in metrics if any(m in r for r in sc.values())
         )
     ]
-    cards = [_card(view, image_id, sources, metrics, sort_keys) for image_id in shown]
-    ablation_md = _first(run.root, ("ablation.md", "ablation/ablation.md"))
-    ablation_png = _first(run.root, ("ablation.png", "ablation/ablation.png"))
-    corpus_metrics, corpus_rows = _corpus(view.scores)
-
-    from jinja2 import Environment, StrictUndefined
-
-    from medcap.eval.report_template import TEMPLATE
+    thumbs = _Thumbs()
+    cards = [_card(view, image_id, sources, metrics, sort_keys, thumbs) for image_id in shown]
+    ablation_md = _first(root, ("ablation.md", "ablation/ablation.md"))
+    ablation_png = _first(root, ("ablation.png", "ablation/ablation.png"))
+    corpus_metrics, corpus_rows = _corpus(view)
 
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=False)
-    page = env.from_string(TEMPLATE).render(
+    return env.from_string(TEMPLATE).render(
         run_name=view.name,
         split=view.split,
         shown=len(shown),
         total=len(view.ids),
         summary=view.summary,
+        caption_sets=[_set_summary(cs) for cs in view.caption_sets],
+        submitted=view.submitted.name if view.submitted else None,
+        similarity_tip=_similarity_tip(view.encoder),
         ablation_html=Markup(markdown_html(ablation_md.read_text())) if ablation_md else None,
         ablation_png=_data_uri(ablation_png.read_bytes(), "image/png") if ablation_png else None,
         corpus_metrics=corpus_metrics,
@@ -113,111 +90,6 @@ def write_report(
         metrics=metrics,
         cards=cards,
     )
-    out = Path(out) if out is not None else run.root / "report.html"
-    write_atomic(out, page)
-    log.info("report: %s (%d images, %.1f MB)", out, len(shown), out.stat().st_size / 1e6)
-    return out
-
-
-# --------------------------------------------------------------------------- reading the run
-
-
-def read_run(run: RunDir, split: str | None = None) -> RunView:
-    """Read one split of a run; without a usable config or data the report has no images or references."""
-    cfg = _config(run)
-    split = split or _default_split(run, cfg)
-    view = RunView(name=run.root.name, split=split, ids=[])
-    if cfg is not None:
-        view.name = cfg.name
-        view.summary = [f"encoder {cfg.retrieval.encoder.name}", f"k={cfg.retrieval.k}"]
-        view.examples = _examples(cfg, split)
-    view.neighbours = {r["id"]: r.get("neighbours", []) for r in read_jsonl(run.neighbours(split))}
-    if cfg is not None and view.neighbours:
-        view.index_examples = _examples(cfg, cfg.data.index_split)
-    view.caption_sets = _caption_sets(run, split)
-    view.scores = _all_scores(run)
-    ids = list(view.examples)
-    for source in (view.neighbours, *(cs.captions for cs in view.caption_sets)):
-        ids += [i for i in source if i not in view.examples]
-    view.ids = list(dict.fromkeys(ids))
-    if not view.ids:
-        log.warning("report: split %r of %s has no images, neighbours or captions", split, run.root)
-    return view
-
-
-def _config(run: RunDir):
-    from medcap.config import load_config
-
-    if not run.config().exists():
-        log.warning("report: %s is missing; the report has no images or references", run.config())
-        return None
-    try:
-        return load_config(run.config())
-    except Exception as e:  # a config of another medcap version: still report what the files hold
-        log.warning("report: cannot read %s (%s); the report has no images or references", run.config(), e)
-        return None
-
-
-def _default_split(run: RunDir, cfg) -> str:
-    """The first query split of the config that has artifacts, else the first split that has any."""
-    patterns = ("neighbours/*.jsonl", "candidates/*/*.jsonl", *(f"{s}/*.jsonl" for s in STAGE_OUTPUTS))
-    found = sorted({p.stem for pattern in patterns for p in run.root.glob(pattern)})
-    preferred = list(cfg.data.query_splits) if cfg is not None else []
-    for split in preferred + found:
-        if split in found:
-            return split
-    if preferred:
-        return preferred[0]
-    raise FileNotFoundError(f"{run.root}: no neighbours or candidates to report, and no config.yaml to name a split")
-
-
-def _examples(cfg, split: str) -> dict[str, Example]:
-    """The split's examples by ID, or {} (with a warning) when the data cannot be read."""
-    from medcap.data import load_split
-
-    data_cfg = replace(cfg.data, verify_images=False, on_error="skip")  # the report only needs paths
-    try:
-        return {ex.id: ex for ex in load_split(data_cfg, split).examples}
-    except Exception as e:  # data moved or deleted since the run: the report still shows the captions
-        log.warning("report: cannot read split %r of %s (%s); shown without images", split, cfg.data.root, e)
-        return {}
-
-
-def _caption_sets(run: RunDir, split: str) -> list[CaptionSet]:
-    sets = []
-    for path in sorted((run.root / "candidates").glob(f"*/{split}.jsonl")):
-        rows = read_jsonl(path)
-        label = next((r["generator"] for r in rows if r.get("generator")), path.parent.name)
-        sets.append(CaptionSet(label, "candidate", {r["id"]: r.get("caption") for r in rows}, (path.parent.name,)))
-    for stage in STAGE_OUTPUTS:
-        path = run.root / stage / f"{split}.jsonl"
-        if path.exists():
-            rows = read_jsonl(path)
-            gen = next((r["generator"] for r in rows if r.get("generator")), stage)
-            sets.append(CaptionSet(stage, stage, {r["id"]: r.get("caption") for r in rows}, (gen,)))
-    return sets
-
-
-def _all_scores(run: RunDir) -> list[dict[str, Any]]:
-    scores = []
-    for path in sorted((run.root / "scores").glob("*.json")):
-        if path.name.endswith(".manifest.json"):
-            continue
-        try:
-            s = read_json(path)
-            s.setdefault("caption_set", s.get("variant", path.name.split(".")[0]))
-            s.setdefault("split", path.name.split(".")[-2] if path.name.count(".") >= 2 else "")
-            scores.append(s)
-        except (json.JSONDecodeError, OSError) as e:
-            log.warning("report: skipping unreadable %s (%s)", path, e)
-    return scores
-
-
-def _scores_for(cs: CaptionSet, per_image: dict[str, dict]) -> dict[str, dict[str, float]]:
-    for name in (cs.label, *cs.aliases):
-        if name in per_image:
-            return per_image[name]
-    return {}
 
 
 def _first(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -227,16 +99,49 @@ def _first(root: Path, names: tuple[str, ...]) -> Path | None:
 # --------------------------------------------------------------------------- rendering
 
 
-def _card(view: RunView, image_id: str, sources, metrics: list[str], sort_keys) -> dict[str, Any]:
+class _Thumbs:
+    """Thumbnails made once each: a neighbour recurs across many queries."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[str, int], str | None] = {}
+
+    def __call__(self, ex: Example | None, side: int) -> str | None:
+        if ex is None:
+            return None
+        if (ex.id, side) not in self._done:
+            self._done[ex.id, side] = _thumb(ex, side)
+        return self._done[ex.id, side]
+
+
+def _set_summary(cs: CaptionSet) -> dict[str, Any]:
+    return {"name": cs.name, "kind": cs.kind, "path": str(cs.path), "exists": cs.exists,
+            "submitted": cs.submitted, "fallback": len(cs.fallback)}  # fmt: skip
+
+
+def _similarity_tip(encoder: str | None) -> str:
+    by = f" ({encoder})" if encoder else ""
+    return f"cosine similarity between the embeddings{by} of this training image and the query image; 1 = identical"
+
+
+def _concepts(ids, names: dict[str, str]) -> list[dict[str, str]]:
+    return [{"id": str(c), "name": names.get(str(c), "")} for c in ids or ()]
+
+
+def _card(view: RunView, image_id: str, sources, metrics: list[str], sort_keys, thumbs: _Thumbs) -> dict[str, Any]:
     ex = view.examples.get(image_id)
     captions = []
     for cs, scores in sources:
         row = scores.get(image_id, {})
+        state = "ok" if image_id in cs.captions else "no-file" if not cs.exists else "no-row"
         captions.append(
             {
-                "label": cs.label,
+                "name": cs.name,
                 "kind": cs.kind,
+                "path": str(cs.path),
+                "state": state,
                 "caption": cs.captions.get(image_id),
+                "fallback": image_id in cs.fallback,
+                "submitted": cs.submitted,
                 "values": row,
                 "scores": {m: _fmt(row.get(m)) for m in metrics},
             }
@@ -252,26 +157,33 @@ def _card(view: RunView, image_id: str, sources, metrics: list[str], sort_keys) 
         sort[k["key"]] = f"{v:.6g}" if _num(v) else ""
     return {
         "id": image_id,
-        "image": view.thumb(ex, QUERY_SIDE),
+        "image": thumbs(ex, QUERY_SIDE),
         "reference": ex.caption if ex is not None else None,
-        "concepts": ", ".join(ex.concepts) if ex is not None else "",
+        "concepts": _concepts(ex.concepts if ex is not None else (), view.cui_names),
         "captions": captions,
         "sort": sort,
         "neighbours": [
             {
                 "id": n.get("id", ""),
-                "score": _fmt(n.get("score")),
+                "cos": f"{n['score']:.2f}" if _num(n.get("score")) else "",
                 "caption": n.get("caption") or "",
-                "image": view.thumb(view.index_examples.get(n.get("id")), NEIGHBOUR_SIDE),
+                "concepts": _concepts(n.get("concepts"), view.cui_names),
+                "image": thumbs(view.index_examples.get(n.get("id")), NEIGHBOUR_SIDE),
             }
             for n in view.neighbours.get(image_id, [])
         ],
     }
 
 
-def _corpus(scores: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+def _corpus(view: RunView) -> tuple[list[str], list[dict[str, Any]]]:
+    """Corpus scores: by split, caption sets in pipeline order; the best per split and metric in bold."""
+    scores = view.scores
+    order = {cs.name: i for i, cs in enumerate(view.caption_sets)}
+    submitted = view.submitted.name if view.submitted else None
     metrics = list(dict.fromkeys(m for s in scores for m in s.get("metrics", {})))
-    rows = sorted(scores, key=lambda s: (s.get("split", ""), s.get("caption_set", "")))
+    rows = sorted(
+        scores, key=lambda s: (s.get("split", ""), order.get(s.get("caption_set"), len(order)), s["caption_set"])
+    )
     out = []
     for s in rows:
         vals = s.get("metrics", {})
@@ -282,8 +194,9 @@ def _corpus(scores: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any
             best[m] = top is not None and _num(vals.get(m)) and vals[m] == top and len(same) > 1
         out.append(
             {
-                "variant": s["caption_set"],
+                "caption_set": s["caption_set"],
                 "split": s["split"],
+                "submitted": s["caption_set"] == submitted,
                 "n": s.get("n", ""),
                 "metrics": {m: _fmt(vals.get(m)) for m in metrics},
                 "best": best,
@@ -375,7 +288,7 @@ def _table(block: list[str]) -> str:
 
     def cell(tag: str, j: int, text: str) -> str:
         cls = f' class="{aligns[j]}"' if j < len(aligns) and aligns[j] else ""
-        return f"<{tag}{cls}>{_inline(text)}</{tag}>"
+        return f"<{tag}{cls}>{_number_cell(text) if tag == 'td' else _inline(text)}</{tag}>"
 
     parts = ["<table>"]
     if head:
@@ -384,6 +297,18 @@ def _table(block: list[str]) -> str:
     parts += ["<tr>" + "".join(cell("td", j, c) for j, c in enumerate(r)) + "</tr>" for r in body]
     parts.append("</tbody></table>")
     return "".join(parts)
+
+
+_WITH_CI = re.compile(r"(\*\*)?([+-]?\d+(?:\.\d+)?) (\[[+-]?\d[^\]]*\])(\*\*)?")
+
+
+def _number_cell(text: str) -> str:
+    """``0.4123 [0.38, 0.44]`` as the number over its interval in small type, so wide tables fit the page."""
+    m = _WITH_CI.fullmatch(text)
+    if m is None:
+        return _inline(text)
+    inner = f'{_inline(m.group(2))}<br /><span class="ci">{_inline(m.group(3))}</span>'
+    return f"<b>{inner}</b>" if m.group(1) and m.group(4) else inner
 
 
 def _inline(text: str) -> str:
