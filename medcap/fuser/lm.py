@@ -62,7 +62,7 @@ class LMFuser:
             for req, comp in zip(requests, self.engine.generate(requests), strict=True):
                 extra = {"model": self.meta.get("base_model"), "fuser": str(self.model_dir), "raw": comp.text}
                 out.append(Candidate(req.id, clean_caption(comp.text), self.cfg.name, extra))
-            log.info("%s: %d/%d images fused", self.cfg.name, len(out), len(items))
+            log.debug("%s: %d/%d images fused", self.cfg.name, len(out), len(items))
         return out
 
     def close(self) -> None:

@@ -74,7 +74,7 @@ class MLLMGenerator:
                 if self.adapter:
                     extra["adapter"] = str(self.adapter)
                 out.append(Candidate(req.id, clean_caption(comp.text), self.cfg.name, extra))
-            log.info("%s: %d/%d images captioned", self.cfg.name, len(out), len(items))
+            log.debug("%s: %d/%d images captioned", self.cfg.name, len(out), len(items))
         return out
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ class Synthesizer:
                     log.warning("%s: %s wrote no usable caption (raw %r)", self.cfg.name, req.id, comp.text[:200])
                 extra = {"template": self.version, "model": self.cfg.model, "raw": comp.text}
                 out.append(Candidate(req.id, caption, self.cfg.name, extra))
-            log.info("%s: %d/%d images synthesised", self.cfg.name, len(out), len(items))
+            log.debug("%s: %d/%d images synthesised", self.cfg.name, len(out), len(items))
         return out
 
     def close(self) -> None:
