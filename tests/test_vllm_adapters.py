@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 from tiny_vlms import make_tiny_vlm
-from vllm_support import hf_cfg, phantom_items, sft_config, train_sft_adapter
+from vllm_support import hf_cfg, phantom_items, sft_config, train_sft_adapter, vllm_env  # noqa: F401
 
 from medcap.config import GenerationConfig
 from medcap.engines.base import Request
