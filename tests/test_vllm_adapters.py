@@ -143,7 +143,8 @@ def test_table_matches_vllm_model_classes():
 
 
 @pytest.mark.vllm
-def test_vllm_serves_merged_weights_and_ignores_tower_lora(phantom_dir, tmp_path, vllm_env):
+@pytest.mark.usefixtures("vllm_env")
+def test_vllm_serves_merged_weights_and_ignores_tower_lora(phantom_dir, tmp_path):
     """vLLM without LoRA on ``merged/`` equals hf with the adapter; vLLM with the adapter drops its tower part."""
     from safetensors.torch import load_file, save_file
     from vllm_support import require_vllm, vllm_cfg

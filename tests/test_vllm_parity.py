@@ -24,7 +24,7 @@ FAMILIES = ["llava", "qwen2_5_vl", "medgemma"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def setup(request, tmp_path_factory, phantom_dir, vllm_env):
+def setup(request, tmp_path_factory, phantom_dir):
     from tiny_vlms import make_tiny_vllm_vlm
 
     family = request.param
