@@ -142,39 +142,56 @@ def test_table_matches_vllm_model_classes():
             assert any(vllm_name(prefix).startswith(c.rstrip(".")) for c in keys.connector), (hf_class, prefix)
 
 
+def random_adapter(model_dir, out, target: str, scale: float = 0.3):
+    """A PEFT LoRA on ``target`` with random ``lora_B`` (PEFT's default is zeros): it surely changes outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = get_family("llava").load(str(model_dir))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(3)
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, scale)
+    peft.save_pretrained(out)
+    return out
+
+
 @pytest.mark.vllm
 @pytest.mark.usefixtures("vllm_env")
 def test_vllm_serves_merged_weights_and_ignores_tower_lora(phantom_dir, tmp_path):
-    """vLLM without LoRA on ``merged/`` equals hf with the adapter; vLLM with the adapter drops its tower part."""
+    """vLLM without LoRA on the merged model equals hf with the adapter; vLLM with the adapter drops its tower part."""
     from safetensors.torch import load_file, save_file
     from vllm_support import require_vllm, vllm_cfg
 
     require_vllm()
     from tiny_vlms import make_tiny_vllm_vlm
 
+    from medcap.engines.merge import merge_adapter
     from medcap.engines.vllm import VLLMEngine
 
-    # vLLM needs head_dim 64: the same recipe on the vLLM-sized tiny LLaVA.
-    model = make_tiny_vllm_vlm("llava", tmp_path / "llava")
-    out = tmp_path / "run"
-    adapter = train_sft_adapter("llava", model, phantom_dir, out, target_modules=VISION_AND_LM, merge=True)
-    items, _ = phantom_items(phantom_dir, n=4)
     fam = get_family("llava")
-    hf_full = HFEngine(fam, str(model), hf_cfg()).generate(requests(items, str(adapter)))
-
+    model = make_tiny_vllm_vlm("llava", tmp_path / "llava")  # head_dim 64, as vLLM needs
+    adapter = random_adapter(model, tmp_path / "lora", VISION_AND_LM)
+    merged = merge_adapter(fam, str(model), adapter, tmp_path / "merged")  # what lora.merge writes
     lm_only = shutil.copytree(adapter, tmp_path / "lm_only")  # the adapter as vLLM applies it: tower part dropped
     weights = load_file(lm_only / "adapter_model.safetensors")
     save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, lm_only / "adapter_model.safetensors")
-    hf_lm_only = HFEngine(fam, str(model), hf_cfg()).generate(requests(items, str(lm_only)))
-    assert [c.text for c in hf_lm_only] != [c.text for c in hf_full]
 
-    merged = VLLMEngine(fam, str(out / "merged"), vllm_cfg())
+    items, _ = phantom_items(phantom_dir, n=4)
+    hf = HFEngine(fam, str(model), hf_cfg())
+    hf_full = [c.text for c in hf.generate(requests(items, str(adapter)))]
+    hf_lm_only = [c.text for c in hf.generate(requests(items, str(lm_only)))]
+    assert hf_lm_only != hf_full  # the tower part of the adapter matters
+    hf.close()
+
+    engine = VLLMEngine(fam, str(merged), vllm_cfg())
     try:
-        assert [c.text for c in merged.generate(requests(items))] == [c.text for c in hf_full]
+        assert [c.text for c in engine.generate(requests(items))] == hf_full
     finally:
-        merged.close()
-    base = VLLMEngine(fam, str(model), vllm_cfg())
+        engine.close()
+    engine = VLLMEngine(fam, str(model), vllm_cfg())
     try:
-        assert [c.text for c in base.generate(requests(items, str(adapter)))] == [c.text for c in hf_lm_only]
+        assert [c.text for c in engine.generate(requests(items, str(adapter)))] == hf_lm_only
     finally:
-        base.close()
+        engine.close()
