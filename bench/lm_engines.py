@@ -164,7 +164,7 @@ def run_quality(n: int, engines: set[str]) -> str:
     items, source = synthesis_items(n)
     runs = {"hf fp32": ("hf", "fp32"), "hf bf16": ("hf", "bf16")}
     if "vllm" in engines and _has_vllm():
-        runs |= {"vllm bf16": ("vllm", "bf16"), "vllm fp32": ("vllm", "fp32")}
+        runs |= {"vllm bf16": ("vllm", "bf16")}
     refs = {ex.id: ex.caption for ex, _, _ in items}
     captions = {name: _synthesise(model, items, kind, dtype) for name, (kind, dtype) in runs.items()}
     base = captions["hf fp32"]
