@@ -16,7 +16,7 @@ from medcap.engines.pool import EnginePool, EngineSpec
 require_vllm()
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_env")]
 
-GEN = GenerationConfig(max_new_tokens=24)
+GEN = GenerationConfig(max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def smollm2() -> str:
 
 @pytest.fixture(scope="module")
 def items(phantom_dir):
-    rows, _ = phantom_items(phantom_dir, n=6, k=3)
+    rows, _ = phantom_items(phantom_dir, n=4, k=3)
     return [(ex, nl, {"nearest": nl.neighbours[0].caption, "second": nl.neighbours[1].caption}) for ex, nl in rows]
 
 
@@ -41,7 +41,7 @@ def fuser_dir(items, tmp_path_factory) -> str:
 
     cfg = fuser_cfg(EngineConfig(dtype="fp32"))
     train = [(cands, nl, ex.caption) for ex, nl, cands in items]
-    return str(train_fuser(cfg, train[:4], train[4:], tmp_path_factory.mktemp("fuser")))
+    return str(train_fuser(cfg, train[:3], train[3:], tmp_path_factory.mktemp("fuser")))
 
 
 def fuser_cfg(engine: EngineConfig) -> FusionConfig:
