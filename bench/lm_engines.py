@@ -92,13 +92,18 @@ def run_lm(n: int, max_new_tokens: int, engines: set[str]) -> list[LMRow]:
     reqs = requests(items, max_new_tokens)
     print(f"## SmolLM2-135M-Instruct: {len(reqs)} synthesizer prompts ({source} neighbours' captions), "
           f"{max_new_tokens} new tokens each, greedy\n")  # fmt: skip
-    rows = [
-        _hf(model, reqs, "fp32", 1, "hf fp32, one prompt at a time", max_new_tokens),
-        _hf(model, reqs, "fp32", 16, "hf fp32, batch 16", max_new_tokens),
-        _hf(model, reqs, "bf16", 16, "hf bf16, batch 16", max_new_tokens),
+    runs = [
+        lambda: _hf(model, reqs, "fp32", 1, "hf fp32, one prompt at a time", max_new_tokens),
+        lambda: _hf(model, reqs, "fp32", 16, "hf fp32, batch 16", max_new_tokens),
+        lambda: _hf(model, reqs, "bf16", 16, "hf bf16, batch 16", max_new_tokens),
     ]
     if "vllm" in engines and _has_vllm():
-        rows += [_vllm(model, reqs, "fp32"), _vllm(model, reqs, "bf16")]
+        runs += [lambda: _vllm(model, reqs, "fp32"), lambda: _vllm(model, reqs, "bf16")]
+    rows = []
+    for run in runs:
+        rows.append(run())
+        r = rows[-1]
+        print(f"  measured {r.mode}: {r.items_s:.2f} items/s, {r.tokens_s:.0f} tokens/s", flush=True)
     return rows
 
 
