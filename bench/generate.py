@@ -1,16 +1,18 @@
-"""Benchmark of caption generation: batched ``hf`` against a per-image loop, and vLLM against ``hf``.
+"""Benchmarks of caption generation: engines and dtypes on SmolLM2, one shared vLLM engine, batched hf on a VLM.
 
-    python bench/generate.py [--family llava --n 16 --max-new-tokens 16 --batch-size 8 --engine hf,vllm]
-                             [--size tiny|7b]
+    python bench/generate.py [--suite lm,pool,vlm] [--n 96] [--max-new-tokens 48] [--quality 191]
 
-Builds a random-init model of the family and saves it, so the engines' real loading code runs:
-``tiny`` (2 layers, hidden 64; runs on a CPU) or, for LLaVA, ``7b`` (LLaVA-1.5-7B's shapes:
-Llama-7B + CLIP ViT-L/14-336, random weights, ~14 GB in bf16; GPU only unless --allow-cpu). Every
-request asks for exactly ``--max-new-tokens`` tokens (EOS is suppressed: ``min_new_tokens`` in the
-model's generation config for ``hf``, ``ignore_eos`` for vLLM), so throughputs compare like with
-like. In one run it prints images/s, tokens/s and peak memory (``torch.cuda.max_memory_allocated``
-on a GPU, peak RSS on a CPU) for the per-image baseline (batch 1), batched ``hf`` (batch B) and,
-when vLLM imports, vLLM; ratios are against the per-image baseline.
+``lm``: the synthesizer's workload. SmolLM2-135M-Instruct (the dense copy medcap builds from the
+packaged GGUF), ``--n`` synthesizer prompts built from MedPix 2.0 neighbours' captions (the phantom
+set where ../shared/data/medpix2 is absent), each generating exactly ``--max-new-tokens`` tokens
+(EOS suppressed), greedy: hf one prompt at a time (fp32, the baseline), hf batch 16 in fp32 and
+bf16, vLLM in fp32 and bf16. ``--quality N`` also captions N MedPix validation images for real (EOS
+allowed) with hf fp32, hf bf16 and vLLM bf16 and scores them (ROUGE-1, BERTScore with MiniLM) with
+95% bootstrap intervals: bf16 must not move them. ``pool``: two SFT adapters of one tiny
+Qwen2.5-VL, an engine per generator against one shared engine (``EnginePool``), wall time
+including the engine starts. ``vlm``: a tiny random VLM, batched hf against a per-image loop
+(``--family``, ``--size 7b`` for LLaVA-1.5-7B shapes on a GPU). vLLM rows need vLLM (run in the
+environment ``bash .ci/vllm`` builds: ``.venv-vllm/bin/python bench/generate.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_vlms: the tiny random models the tests use
+sys.path.insert(0, str(ROOT / "bench"))  # the lm and pool suites
 
 from medcap.config import EngineConfig, GenerationConfig  # noqa: E402
 from medcap.engines.base import Request  # noqa: E402
@@ -224,18 +227,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", default="llava", choices=["llava", "qwen2_5_vl", "medgemma", "smolvlm"])
-    ap.add_argument("--n", type=int, default=16, help="images (requests)")
-    ap.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per image (fixed)")
-    ap.add_argument("--batch-size", type=int, default=8, help="hf batch size B")
-    ap.add_argument("--engine", default="hf,vllm", help="comma-separated: hf, vllm")
-    ap.add_argument("--size", default="tiny", choices=["tiny", "7b"])
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
-    ap.add_argument("--allow-cpu", action="store_true", help="let --size 7b run on a CPU (hours)")
-    args = ap.parse_args()
-
+def run_vlm(args) -> None:
     import torch
 
     if args.size == "7b" and not torch.cuda.is_available() and not args.allow_cpu:
@@ -244,16 +236,51 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     image_size = 336 if args.size == "7b" else 64
     with tempfile.TemporaryDirectory(prefix="medcap-bench-") as tmp:
-        model_dir = build_model(args.family, args.size, Path(tmp) / "model", args.max_new_tokens)
-        requests = make_requests(args.family, args.n, image_size, args.max_new_tokens)
-        print(f"## Generation: {args.family} ({args.size}, random weights), {args.n} images x "
-              f"{args.max_new_tokens} new tokens, {device}\n")  # fmt: skip
+        model_dir = build_model(args.family, args.size, Path(tmp) / "model", args.vlm_tokens)
+        requests = make_requests(args.family, args.vlm_n, image_size, args.vlm_tokens)
+        print(f"## Generation: {args.family} ({args.size}, random weights), {args.vlm_n} images x "
+              f"{args.vlm_tokens} new tokens, {device}\n")  # fmt: skip
         rows = bench_hf(model_dir, args.family, requests, args.batch_size, args.dtype)
         if "vllm" in engines:
             row = bench_vllm(model_dir, args.family, requests, args.dtype)
             if row is not None:
                 rows.append(row)
         print(table(rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="lm,pool", help="comma-separated: lm, pool, vlm")
+    ap.add_argument("--n", type=int, default=96, help="lm: synthesizer prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="lm and pool: tokens per item (fixed)")
+    ap.add_argument("--quality", type=int, default=0, help="lm: also caption and score this many MedPix images")
+    ap.add_argument("--pool-n", type=int, default=16, help="pool: images per generator")
+    ap.add_argument("--engine", default="hf,vllm", help="comma-separated: hf, vllm")
+    ap.add_argument("--family", default="llava", choices=["llava", "qwen2_5_vl", "medgemma", "smolvlm"])
+    ap.add_argument("--vlm-n", type=int, default=16, help="vlm: images (requests)")
+    ap.add_argument("--vlm-tokens", type=int, default=16, help="vlm: tokens generated per image (fixed)")
+    ap.add_argument("--batch-size", type=int, default=8, help="vlm: hf batch size B")
+    ap.add_argument("--size", default="tiny", choices=["tiny", "7b"])
+    ap.add_argument("--dtype", default="auto", help="vlm: auto | fp32 | fp16 | bf16")
+    ap.add_argument("--allow-cpu", action="store_true", help="let --size 7b run on a CPU (hours)")
+    args = ap.parse_args()
+    suites = {s.strip() for s in args.suite.split(",") if s.strip()}
+    engines = {e.strip() for e in args.engine.split(",") if e.strip()}
+    from medcap.models.devices import cpu_supports_bf16
+
+    print(f"(CPU with native bf16: {cpu_supports_bf16()})\n")
+    if "lm" in suites:
+        from lm_engines import lm_table, run_lm, run_quality
+
+        print(lm_table(run_lm(args.n, args.max_new_tokens, engines)) + "\n", flush=True)
+        if args.quality:
+            print(run_quality(args.quality, engines) + "\n", flush=True)
+    if "pool" in suites:
+        from engine_sharing import run_pool
+
+        print(run_pool(args.pool_n, args.max_new_tokens) + "\n", flush=True)
+    if "vlm" in suites:
+        run_vlm(args)
 
 
 if __name__ == "__main__":

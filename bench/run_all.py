@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     n, queries = ("20000", "200") if args.quick else ("100000", "1000")
     run("retrieval.py", "--n", n, "--queries", queries, "--images", "32" if args.quick else "64")
-    run("generate.py", "--n", "8" if args.quick else "16")
+    run("generate.py", "--suite", "vlm", "--vlm-n", "8" if args.quick else "16")
     run("scale.py", *(["--sizes", "2000,6000,20000", "--repeat", "1"] if args.quick else []))
     if args.e2e:
         end_to_end(args.e2e_images)

@@ -120,6 +120,7 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     qlora: bool = False  # 4-bit base model through bitsandbytes (GPU only)
+    merge: bool = False  # also write models/NAME/merged: base + adapter in one model, served with no LoRA
 
 
 @dataclass

@@ -24,7 +24,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     renamed = [f"{old!r} is now {new!r}" for old, new in getattr(cls, "RENAMED", {}).items() if old in data]
     if renamed:
-        raise ConfigError(f"{path or 'config'}: {'; '.join(renamed)} (a caption set is any generator, synthesizer or fuser)")
+        raise ConfigError(
+            f"{path or 'config'}: {'; '.join(renamed)} (a caption set is any generator, synthesizer or fuser)"
+        )
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{path or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")

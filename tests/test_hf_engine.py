@@ -34,7 +34,7 @@ def setup(request, tmp_path_factory):
     lora = base / f"lora_{family.name}"
     if not (lora / "adapter_config.json").is_file():
         make_tiny_lora(family.name, path, lora)
-    engine = HFEngine(family, str(path), EngineConfig(batch_size=2))
+    engine = HFEngine(family, str(path), EngineConfig(batch_size=2, dtype="fp32"))  # a tiny random LoRA: fp32 shows it
     yield family, engine, lora
     engine.close()
 
@@ -74,7 +74,7 @@ def smol(tmp_path_factory):
     """One family for the engine behaviour that does not depend on the architecture."""
     base = tmp_path_factory.getbasetemp()
     path = cached_tiny_vlm(base, "smolvlm")
-    engine = HFEngine(get_family("smolvlm"), str(path), EngineConfig(batch_size=2))
+    engine = HFEngine(get_family("smolvlm"), str(path), EngineConfig(batch_size=2, dtype="fp32"))
     yield engine, path
     engine.close()
 

@@ -170,7 +170,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_llama, tmp_path, caplog):
     whole = train_fuser(cfg, TRAIN, [], tmp_path / "whole")
     part = train_fuser(cfg, TRAIN, [], tmp_path / "part", stop_after=2)
     assert not part.exists() and [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-0000002"]
-    with caplog.at_level(logging.INFO, logger="medcap.fuser.lm_train"):
+    with caplog.at_level(logging.INFO, logger="medcap.models.training"):
         resumed = train_fuser(cfg, TRAIN, [], tmp_path / "part")
     assert "at step 2 of 4" in caplog.text
     a, b = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")

