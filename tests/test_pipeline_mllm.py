@@ -12,7 +12,12 @@ from medcap.runs import read_jsonl
 GEN = {"max_new_tokens": 6}
 
 
-def test_run_trains_sft_generator_and_fuses_candidates(tmp_path, phantom_dir, tiny_clip):
+def test_run_trains_sft_generator_and_fuses_candidates(tmp_path, phantom_dir, tiny_clip, monkeypatch):
+    from medcap.engines.hf import HFEngine
+
+    loads = []  # one engine per base model: zero-shot, few-shot and the SFT adapter share one weight load
+    real_init = HFEngine.__init__
+    monkeypatch.setattr(HFEngine, "__init__", lambda self, *a, **kw: (loads.append(a[1]), real_init(self, *a, **kw))[1])
     model = str(make_tiny_vlm("llava", tmp_path / "llava"))
     train = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "eval_every": 2, "save_every": 2, "eval_samples": 2}
     cfg = {
@@ -47,6 +52,7 @@ def test_run_trains_sft_generator_and_fuses_candidates(tmp_path, phantom_dir, ti
     fused = read_jsonl(run / "fused" / "mbr" / "valid.jsonl")
     assert len(fused) == len(valid) and {r["source"] for r in fused} <= {"nearest", "zs", "fs", "sft"}
     assert (run / "scores" / "mbr.valid.json").exists()
+    assert loads == [model]
 
     again = CliRunner().invoke(main, ["run", str(path)], catch_exceptions=False)
     assert "0 artifact(s) written" in again.output, again.output

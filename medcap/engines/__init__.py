@@ -26,9 +26,13 @@ def make_engine(
     *,
     family: str | None = None,
     max_pixels: int | None = None,
+    max_images: int | None = None,
     owner: str = "engine",
 ) -> Engine:
-    """The engine ``cfg.kind`` names, serving ``model`` (default: the family's); ``owner`` names the config in errors."""
+    """The engine ``cfg.kind`` names, serving ``model`` (default: the family's); ``owner`` names the config in errors.
+
+    ``max_images``: the most images one prompt may hold (vLLM reserves room for them at start; None: the family's).
+    """
     from medcap.models.families import get_family
 
     if "ray" in cfg.extra:  # the same engine in Ray Data actors, each built from the config without `ray`
@@ -38,7 +42,9 @@ def make_engine(
         from medcap.engines.ray import make_ray_engine
 
         inner = dataclasses.replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "ray"})
-        build = functools.partial(make_engine, model, inner, family=family, max_pixels=max_pixels, owner=owner)
+        build = functools.partial(
+            make_engine, model, inner, family=family, max_pixels=max_pixels, max_images=max_images, owner=owner
+        )
         return make_ray_engine(build, cfg.extra["ray"], owner)
     fam = get_family(family) if family else None
     if fam is None and not model:
@@ -51,7 +57,8 @@ def make_engine(
         from medcap.engines.vllm import VLLMEngine
         from medcap.models.lms import resolve_lm_path
 
-        return VLLMEngine(fam, model if fam else resolve_lm_path(model), cfg, max_pixels=max_pixels)
+        name = model if fam else resolve_lm_path(model)
+        return VLLMEngine(fam, name, cfg, max_pixels=max_pixels, max_images=max_images)
     if cfg.kind == "openai":
         from medcap.engines.openai import OpenAIEngine
 

@@ -78,19 +78,12 @@ def spec_of(cfg: GeneratorConfig) -> EngineSpec:
 
 
 def build_engine(spec: EngineSpec) -> Engine:
-    """A new engine for ``spec`` (hf or vllm)."""
-    from medcap.models.families import get_family
+    """A new engine for ``spec`` (``make_engine``: shared kinds here, and the others for their one user)."""
+    from medcap.engines import make_engine
 
-    family = get_family(spec.family) if spec.family else None
-    if spec.kind == "vllm":
-        from medcap.engines.vllm import VLLMEngine
-
-        return VLLMEngine(family, spec.model, spec.engine, max_pixels=spec.max_pixels, max_images=spec.max_images)
-    if spec.kind == "hf":
-        from medcap.engines.hf import HFEngine
-
-        return HFEngine(family, spec.model, spec.engine, max_pixels=spec.max_pixels)
-    raise ValueError(f"EnginePool shares {SHARED_KINDS} engines, not {spec.kind!r}")
+    return make_engine(
+        spec.model, spec.engine, family=spec.family, max_pixels=spec.max_pixels, max_images=spec.max_images
+    )
 
 
 class SharedEngine:

@@ -105,11 +105,38 @@ class MLLMKind(GeneratorKind):
         train_generator(cfg, train, valid, out)
 
     def build(self, pipe: Pipeline, cfg: GeneratorConfig, split: str, model_dir: Path) -> Generator:
+        from dataclasses import replace
+
+        from medcap.engines.pool import spec_of
+
         adapter = cfg.adapter
         if adapter is None and cfg.mode == "sft":
-            adapter = str(model_dir / "adapter")
+            if cfg.lora.merge:  # the adapter merged into the base weights: served without LoRA
+                cfg, adapter = replace(cfg, model=str(model_dir / "merged")), None
+            else:
+                adapter = str(model_dir / "adapter")
         index = {ex.id: ex for ex in pipe.split(pipe.cfg.data.index_split).examples} if cfg.shot_images else None
-        return MLLMGenerator(cfg, make_engine(cfg), adapter=adapter, index_examples=index)
+        engine = engine_pool(pipe).engine(spec_of(cfg))
+        return MLLMGenerator(cfg, engine, adapter=adapter, index_examples=index)
+
+
+def engine_pool(pipe: Pipeline) -> Any:
+    """The run's engines, one per base model and settings: generators that share them share one weight load
+    (one ``LoRARequest`` per adapter on vLLM). Every generator artifact still to make is announced first, so
+    an engine reserves images for its most demanding user and closes after its last one."""
+    from medcap.engines.pool import EnginePool, spec_of
+    from medcap.generators import MLLM_KINDS
+    from medcap.pipeline import get_stage
+
+    def announce() -> EnginePool:
+        users = [
+            spec_of(pipe.generator_cfg(name))
+            for name, split in get_stage("generate").targets(pipe)
+            if pipe.generator_cfg(name).kind in MLLM_KINDS and not pipe.fresh("generate", name, split)
+        ]
+        return EnginePool(users)
+
+    return pipe.resource("engine-pool", announce)
 
 
 MLLM = MLLMKind()

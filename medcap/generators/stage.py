@@ -93,7 +93,11 @@ class Generate(Stage):
     command = "medcap generate CONFIG"
 
     def targets(self, pipe: Pipeline) -> list[tuple]:
-        return [(g.name, split) for split in pipe.cfg.data.query_splits for g in pipe.cfg.generators]
+        # generator by generator (all its splits together), those of one model next to each other:
+        # a shared engine (engines/pool.py) is loaded once and closed before the next model's
+        order = sorted(range(len(pipe.cfg.generators)), key=lambda i: (_model_of(pipe.cfg.generators[i]), i))
+        gens = [pipe.cfg.generators[i] for i in order]
+        return [(g.name, split) for g in gens for split in pipe.cfg.data.query_splits]
 
     def path(self, pipe: Pipeline, name: str, split: str) -> Path:
         return pipe.run.candidates(name, split)
@@ -136,6 +140,11 @@ class Generate(Stage):
                     generate, todo, sink, kind.chunk(cfg), f"generate {name}/{split}", fold if crossfit else None
                 )
         sink.finish(info={"folds": cfg.folds} if crossfit else None)
+
+
+def _model_of(cfg: GeneratorConfig) -> str:
+    """What a generator's engine loads (its model, else its kind), to keep generators of one model together."""
+    return cfg.model or cfg.kind
 
 
 def fold_models(pipe: Pipeline, cfg: GeneratorConfig) -> list[tuple[Path, list[str]]]:
