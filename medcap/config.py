@@ -96,7 +96,7 @@ class GenerationConfig:
 class EngineConfig:
     """Which inference back-end serves a model, and its knobs."""
 
-    kind: str = "hf"  # hf (transformers, anywhere) | vllm (in-process) | openai (HTTP to `vllm serve`)
+    kind: str = "hf"  # hf (transformers, anywhere) | vllm (in-process) | openai (HTTP to `vllm serve`) | auto (vllm if installed, else hf)
     batch_size: int = 8  # requests per batch (hf) / per chunk written to disk
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
     device: str = "auto"
@@ -383,10 +383,12 @@ def check_config(cfg: RunConfig) -> None:
         unknown = [c for c in o.candidates if c not in names or c == o.name]
         if unknown:
             raise ConfigError(f"{o.name}.candidates: {unknown} name no generator or synthesizer of this config")
+    for o in (*cfg.generators, *cfg.synthesizers, *cfg.fusers):
+        if o.engine.kind not in ("auto", "hf", "vllm", "openai"):
+            raise ConfigError(f"{o.name}.engine.kind: {o.engine.kind!r} is not one of ['auto', 'hf', 'openai', 'vllm']")
     for g in cfg.generators:
         for key, value, allowed in (
             ("mode", g.mode, {"zero-shot", "sft", "few-shot"}),
-            ("engine.kind", g.engine.kind, {"hf", "vllm", "openai"}),
             ("prefix.mapper", g.prefix.mapper, {"mlp", "transformer"}),
         ):
             if value not in allowed:

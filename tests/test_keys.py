@@ -100,6 +100,10 @@ def other_value(cfg: RunConfig, path: str, owner, f: dataclasses.Field):
     value = getattr(owner, f.name)
     if f.name in ALTERNATIVES and value in ALTERNATIVES[f.name]:
         return ALTERNATIVES[f.name][value]
+    if f.name == "device" and value == "auto":  # the device auto means here: the same machine, other words
+        from medcap.models.devices import resolve_device
+
+        return resolve_device("auto")
     if f.name == "candidates":
         return ["consensus"]
     if f.name == "caption_set":

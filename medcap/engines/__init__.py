@@ -17,7 +17,23 @@ if TYPE_CHECKING:
 
 __all__ = ["ENGINE_KINDS", "Completion", "Engine", "Request", "make_engine"]
 
-ENGINE_KINDS = ("hf", "vllm", "openai")
+ENGINE_KINDS = ("hf", "vllm", "openai", "auto")
+
+
+def resolve_kind(kind: str) -> str:
+    """``auto``: the fastest in-process engine this environment has (vLLM when it is installed, else hf)."""
+    if kind != "auto":
+        return kind
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def resolved(cfg: EngineConfig) -> tuple[str, str]:
+    """(engine kind, dtype) that ``auto`` settings come to on this machine: part of the keys of what an engine writes."""
+    from medcap.models.devices import inference_dtype, resolve_device
+
+    return resolve_kind(cfg.kind), inference_dtype(cfg.dtype, resolve_device(cfg.device))
 
 
 def make_engine(
@@ -46,6 +62,10 @@ def make_engine(
             make_engine, model, inner, family=family, max_pixels=max_pixels, max_images=max_images, owner=owner
         )
         return make_ray_engine(build, cfg.extra["ray"], owner)
+    if cfg.kind == "auto":
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, kind=resolve_kind(cfg.kind))
     fam = get_family(family) if family else None
     if fam is None and not model:
         raise ValueError(f"{owner}: a text-only engine needs a model name or path")

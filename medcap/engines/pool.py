@@ -63,12 +63,13 @@ class EngineSpec:
 
 def spec_of(cfg: GeneratorConfig) -> EngineSpec:
     """The engine a multimodal generator config needs (its own model, or the family's default)."""
+    from medcap.engines import resolve_kind
     from medcap.models.families import get_family
 
     family = get_family(cfg.kind)
     shots = cfg.mode == "few-shot" and cfg.shot_images
     return EngineSpec(
-        kind=cfg.engine.kind,
+        kind=resolve_kind(cfg.engine.kind),
         family=family.name,
         model=cfg.model or family.default_model,
         engine=cfg.engine,

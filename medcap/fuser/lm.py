@@ -83,7 +83,9 @@ class LMKind(FuserKind):
         return cfg.use_neighbours
 
     def settings(self, pipe: Pipeline, cfg: FuserConfig) -> Any:
-        return key_settings(cfg), model_identity(cfg.model)
+        from medcap.engines import resolved
+
+        return key_settings(cfg), model_identity(cfg.model), resolved(cfg.engine)
 
     def train_settings(self, cfg: FuserConfig) -> Any:
         shaping = (cfg.use_neighbours, cfg.k, cfg.candidates, cfg.train_split)

@@ -90,7 +90,9 @@ class MLLMKind(GeneratorKind):
         return cfg.mode == "sft" and cfg.adapter is None
 
     def settings(self, pipe: Pipeline, cfg: GeneratorConfig) -> Any:
-        return key_settings(cfg), model_identity(cfg.model), model_identity(cfg.adapter)
+        from medcap.engines import resolved
+
+        return key_settings(cfg), model_identity(cfg.model), model_identity(cfg.adapter), resolved(cfg.engine)
 
     def train_settings(self, cfg: GeneratorConfig) -> Any:
         shaping = (cfg.kind, cfg.mode, cfg.k, cfg.shot_images, cfg.prompt, cfg.max_pixels)

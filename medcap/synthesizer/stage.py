@@ -32,8 +32,10 @@ class Synthesize(Stage):
         return [*(pipe.caption_need(i, split) for i in pipe.inputs_of(name)), ("retrieve", split)]
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
+        from medcap.engines import resolved
+
         cfg = pipe.cfg_of(name, "synthesize")
-        return key_settings(cfg), model_identity(cfg.model), pipe.data_key(split)
+        return key_settings(cfg), model_identity(cfg.model), resolved(cfg.engine), pipe.data_key(split)
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
         from medcap.synthesizer.synthesize import Synthesizer
