@@ -26,3 +26,13 @@ class Registry(dict):
             module, _, attr = impl.partition(":")
             impl = self[name] = getattr(importlib.import_module(module), attr)
         return impl
+
+
+def optional_import(*modules: str, hint: str) -> Any:
+    """Import an optional dependency (the first of ``modules``, after the rest load too), or an ImportError
+    that says how to install it."""
+    try:
+        loaded = [importlib.import_module(m) for m in modules]
+    except ImportError as e:
+        raise ImportError(f"{hint} ({e})") from e
+    return loaded[0]

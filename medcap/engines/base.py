@@ -41,3 +41,15 @@ class Engine(Protocol):
 
 def image_paths(images: tuple[Any, ...]) -> list[Path]:
     return [Path(i) for i in images if isinstance(i, (str, Path))]
+
+
+def sampling(p: GenerationConfig) -> dict[str, Any]:
+    """The decoding settings in the names vLLM (in-process and served) takes: greedy is temperature 0,
+    the seed makes sampling reproducible."""
+    return {
+        "max_tokens": p.max_new_tokens,
+        "temperature": p.temperature if p.do_sample else 0.0,
+        "top_p": p.top_p if p.do_sample else 1.0,
+        "repetition_penalty": p.repetition_penalty,
+        "seed": p.seed,
+    }

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medcap.config import EngineConfig, GenerationConfig
-from medcap.engines.base import Completion, Request
+from medcap.engines.base import Completion, Request, sampling
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,9 @@ def openai_messages(request: Request) -> list[dict[str, Any]]:
 
 def sampling_fields(p: GenerationConfig) -> dict[str, Any]:
     """Chat-completions fields for the decoding settings (vLLM's extra fields included)."""
-    fields: dict[str, Any] = {
-        "max_tokens": p.max_new_tokens,
-        "temperature": p.temperature if p.do_sample else 0.0,
-        "top_p": p.top_p if p.do_sample else 1.0,
-        "seed": p.seed,
-    }
-    if p.repetition_penalty != 1.0:
-        fields["repetition_penalty"] = p.repetition_penalty
+    fields = sampling(p)
+    if p.repetition_penalty == 1.0:
+        del fields["repetition_penalty"]  # a field plain OpenAI servers do not know
     if p.num_beams > 1:  # vLLM: beam search with n beams, best beam first
         fields.update(use_beam_search=True, n=p.num_beams, temperature=0.0)
     return fields

@@ -26,6 +26,7 @@ from typing import Any
 
 from medcap.config import GenerationConfig
 from medcap.engines.base import Completion, Engine, Request
+from medcap.registry import optional_import
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,7 @@ INSTALL_HINT = "Ray batch generation needs Ray Data: pip install 'medcap[ray]'"
 
 def import_ray() -> Any:
     """The ``ray`` module (with ``ray.data``), or an ImportError that says how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"{INSTALL_HINT} ({e})") from e
-    return ray
+    return optional_import("ray", "ray.data", hint=INSTALL_HINT)
 
 
 # --------------------------------------------------------------------------- rows <-> requests

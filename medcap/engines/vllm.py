@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import EngineConfig, GenerationConfig
-from medcap.engines.base import Completion, Request
+from medcap.engines.base import Completion, Request, sampling
 from medcap.models.chat import add_special_tokens
 from medcap.models.hub import ModelNotFoundError
+from medcap.registry import optional_import
 
 if TYPE_CHECKING:
     from medcap.models.families import Family
@@ -39,11 +40,7 @@ INSTALL_HINT = "the vllm engine needs vLLM: pip install 'medcap[vllm]' (Linux wi
 
 def import_vllm() -> Any:
     """The ``vllm`` module, or an ImportError that says how to install it."""
-    try:
-        import vllm
-    except ImportError as e:
-        raise ImportError(f"{INSTALL_HINT} ({e})") from e
-    return vllm
+    return optional_import("vllm", hint=INSTALL_HINT)
 
 
 def vllm_on_cpu() -> bool:
@@ -102,15 +99,8 @@ def llm_kwargs(
 
 
 def sampling_kwargs(p: GenerationConfig) -> dict[str, Any]:
-    """``SamplingParams`` arguments: greedy is temperature 0; the seed makes sampling reproducible."""
-    kw: dict[str, Any] = {
-        "max_tokens": p.max_new_tokens,
-        "temperature": p.temperature if p.do_sample else 0.0,
-        "top_p": p.top_p if p.do_sample else 1.0,
-        "repetition_penalty": p.repetition_penalty,
-        "seed": p.seed,
-    }
-    return kw
+    """``SamplingParams`` arguments."""
+    return sampling(p)
 
 
 def beam_kwargs(p: GenerationConfig) -> dict[str, Any]:
