@@ -15,7 +15,8 @@ from pathlib import Path
 
 from medcap.config import RunConfig, VariantConfig, check_config
 from medcap.configio import ConfigError, apply_overrides, from_dict, to_dict
-from medcap.runs import read_json, safe_name
+from medcap.files import read_json
+from medcap.runs import safe_name
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from typing import Any
 
 from medcap.config import RunConfig, SynthesizerConfig, config_hash, dump_config
 from medcap.data import SplitData, load_split, write_rejects
+from medcap.files import read_jsonl, write_atomic
 from medcap.records import Candidate, Example, NeighbourList
 from medcap.registry import Registry
-from medcap.runs import RunDir, borrow, is_fresh, read_jsonl, run_lock, write_atomic
+from medcap.runs import RunDir, borrow, is_fresh, run_lock
 
 log = logging.getLogger(__name__)
 

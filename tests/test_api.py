@@ -4,7 +4,7 @@ import yaml
 from PIL import Image
 
 import medcap
-from medcap.runs import read_jsonl
+from medcap.files import read_jsonl
 
 
 def test_captioner_matches_the_pipeline_on_the_same_images(tmp_path, phantom_dir, tiny_clip):

@@ -18,9 +18,10 @@ import yaml
 from medcap.config import EncoderConfig, EngineConfig, GenerationConfig
 from medcap.engines.base import Request
 from medcap.engines.hf import HFEngine
+from medcap.files import JsonlWriter, atomic_dir, read_jsonl, write_atomic
 from medcap.models.oom import HalvingBatches
 from medcap.records import Example
-from medcap.runs import JsonlWriter, Manifest, ResumableJsonl, atomic_dir, read_jsonl, write_atomic
+from medcap.runs import Manifest, ResumableJsonl
 
 GREEDY = GenerationConfig(max_new_tokens=4)
 
@@ -241,18 +242,18 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """After ``full_disk(*rooms)``, the n-th file medcap.runs opens for writing takes ``rooms[n]`` bytes (the last
+    """After ``full_disk(*rooms)``, the n-th file medcap.files opens for writing takes ``rooms[n]`` bytes (the last
     room for every later file), then fails with ENOSPC."""
-    import medcap.runs as runs
+    import medcap.files as files
 
     def arm(*rooms: int):
-        real, left = runs.os.fdopen, list(rooms)
+        real, left = files.os.fdopen, list(rooms)
 
         def fdopen(fd, mode="r", *args, **kwargs):
             room = left.pop(0) if len(left) > 1 else left[0]
             return FullDisk(real(fd, mode, *args, **kwargs), room)
 
-        monkeypatch.setattr(runs.os, "fdopen", fdopen)
+        monkeypatch.setattr(files.os, "fdopen", fdopen)
 
     return arm
 

@@ -7,7 +7,8 @@ import yaml
 from click.testing import CliRunner
 
 from medcap.cli import main
-from medcap.runs import Manifest, read_jsonl
+from medcap.files import read_jsonl
+from medcap.runs import Manifest
 
 
 def make_config(tmp_path, data_dir, encoder, **data):

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from tiny_vlms import make_tiny_llama, make_tiny_vlm
 
 from medcap.cli import main
-from medcap.runs import read_jsonl
+from medcap.files import read_jsonl
 
 STEPS = {"max_steps": 1, "batch_size": 2, "grad_accum": 1, "eval_every": 1, "save_every": 1, "eval_samples": 1}
 GEN = {"max_new_tokens": 6}

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from tiny_vlms import make_tiny_vlm
 
 from medcap.cli import main
-from medcap.runs import read_jsonl
+from medcap.files import read_jsonl
 
 GEN = {"max_new_tokens": 6}
 

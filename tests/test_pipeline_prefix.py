@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from medcap.cli import main
 from medcap.config import DataConfig
 from medcap.data import load_split
+from medcap.files import read_jsonl
 from medcap.models.lms import build_scratch_lm
-from medcap.runs import read_jsonl
 
 
 def test_run_trains_prefix_captioner_on_embeddings(tmp_path, phantom_dir, tiny_clip):

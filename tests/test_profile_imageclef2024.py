@@ -16,8 +16,8 @@ from tiny_vlms import cached_tiny_vlm, make_tiny_llama
 
 from medcap.cli import main
 from medcap.config import RunConfig, load_config
+from medcap.files import read_jsonl
 from medcap.generators import MLLM_KINDS
-from medcap.runs import read_jsonl
 
 PROFILE = Path(__file__).resolve().parents[1] / "medcap" / "profiles" / "imageclef2024.yaml"
 TRAIN = {"max_steps": 1, "batch_size": 2, "grad_accum": 1, "eval_every": 1, "save_every": 1, "eval_samples": 1}

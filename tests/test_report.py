@@ -19,7 +19,8 @@ from medcap.config import load_config
 from medcap.data import load_split
 from medcap.eval.report import NEIGHBOUR_SIDE, QUERY_SIDE, render_report, write_report
 from medcap.eval.report_run import read_cui_names, read_run
-from medcap.runs import RunDir, read_jsonl
+from medcap.files import read_jsonl
+from medcap.runs import RunDir
 
 EVIL = '<script>alert("x")</script> & co <b>'
 VOID = {"meta", "img", "br", "hr", "input", "link"}

@@ -4,17 +4,8 @@ import json
 
 import pytest
 
-from medcap.runs import (
-    JsonlWriter,
-    Manifest,
-    ResumableJsonl,
-    RunDir,
-    is_fresh,
-    manifest_path,
-    read_jsonl,
-    safe_name,
-    write_atomic,
-)
+from medcap.files import JsonlWriter, read_jsonl, write_atomic
+from medcap.runs import Manifest, ResumableJsonl, RunDir, is_fresh, manifest_path, safe_name
 
 
 def test_write_atomic_leaves_no_temp_files(tmp_path):
@@ -105,7 +96,7 @@ def test_run_lock_refuses_a_second_process_on_the_same_run(tmp_path):
 
 
 def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
-    from medcap.runs import atomic_dir
+    from medcap.files import atomic_dir
 
     target = tmp_path / "model"
     with atomic_dir(target) as tmp:
@@ -124,7 +115,7 @@ def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
 def test_artifacts_get_the_mode_open_would_give_them(tmp_path):
     import os
 
-    from medcap.runs import atomic_dir
+    from medcap.files import atomic_dir
 
     old = os.umask(0o022)
     try:

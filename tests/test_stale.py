@@ -11,10 +11,10 @@ from tiny_vlms import make_tiny_llama
 
 from medcap.cli import main
 from medcap.config import GeneratorConfig, load_config
+from medcap.files import read_jsonl
 from medcap.generators import KINDS, GeneratorKind, register
 from medcap.pipeline import Pipeline
 from medcap.records import Candidate
-from medcap.runs import read_jsonl
 
 STEPS = {"max_steps": 1, "batch_size": 2, "grad_accum": 1, "eval_every": 1, "save_every": 1}
 

@@ -39,8 +39,8 @@ from medcap.data.formats import (
     read_manifest,
 )
 from medcap.data.problems import InputError, Problem
+from medcap.files import write_atomic
 from medcap.records import Example
-from medcap.runs import write_atomic
 
 log = logging.getLogger(__name__)
 

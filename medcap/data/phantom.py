@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from medcap.data.problems import InputError, Problem
-from medcap.runs import atomic_dir
+from medcap.files import atomic_dir
 
 MARKER = "phantom.json"
 JPEG_QUALITY = 90

@@ -41,8 +41,8 @@ def merge_adapter(family: Family | None, base: str, adapter: str | Path, out: st
     from peft import PeftModel
 
     from medcap.engines.vllm_checkpoint import legacy_vision_keys
+    from medcap.files import atomic_dir, write_json
     from medcap.models.families import resolve_model
-    from medcap.runs import atomic_dir, write_json
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():

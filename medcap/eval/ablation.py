@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medcap.runs import write_atomic
+from medcap.files import write_atomic
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from medcap.eval.report_run import CaptionSet, RunView, read_run
+from medcap.files import write_atomic
 from medcap.records import Example
-from medcap.runs import RunDir, write_atomic
+from medcap.runs import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medcap.files import read_json, read_jsonl
 from medcap.records import Example
-from medcap.runs import RunDir, read_json, read_jsonl
+from medcap.runs import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import key_settings
+from medcap.files import read_json, write_json
 from medcap.pipeline import Stage
-from medcap.runs import Manifest, is_fresh, read_json, write_json
+from medcap.runs import Manifest, is_fresh
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
@@ -192,9 +193,9 @@ def write_checked_submission(pipe: Pipeline, name: str, split: str, year: int, o
 def fallback_captions(pipe: Pipeline, split: str, ids: list[str]) -> dict[str, tuple[str, str]]:
     """A caption for each of ``ids``: its nearest neighbour's when it was retrieved, else the index split's
     constant caption (the training caption most similar to a sample of the others). ``{id: (caption, how)}``."""
+    from medcap.files import read_jsonl
     from medcap.models.similarity import constant_caption, get_similarity
     from medcap.records import NeighbourList
-    from medcap.runs import read_jsonl
 
     neighbours: dict[str, NeighbourList] = {}
     if pipe.fresh("retrieve", split):

@@ -26,7 +26,7 @@ from medcap.eval.submission_check import (
     repeats,
     sample,
 )
-from medcap.runs import write_atomic, write_atomic_all
+from medcap.files import write_atomic, write_atomic_all
 
 __all__ = [
     "SubmissionCheck",

@@ -356,7 +356,7 @@ def _settings(c: _Context) -> dict[str, Any]:
 
 def save_per_image(result: SuiteResult, path: Path) -> None:
     """Write the per-image table to ``path`` as Parquet (pyarrow), atomically."""
-    from medcap.runs import write_atomic
+    from medcap.files import write_atomic
 
     buffer = io.BytesIO()
     result.per_image.to_parquet(buffer, engine="pyarrow", index=True)

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medcap.files import read_jsonl
 from medcap.generators import needs_training
 from medcap.generators.stage import TRAIN_IDS
-from medcap.runs import read_jsonl
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline

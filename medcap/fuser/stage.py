@@ -12,9 +12,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medcap.files import batched
 from medcap.fuser import fuser_kind
 from medcap.pipeline import Stage
-from medcap.runs import Manifest, ResumableJsonl, batched, start_folder
+from medcap.runs import Manifest, ResumableJsonl, start_folder
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline

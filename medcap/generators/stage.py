@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from medcap.config import GeneratorConfig, config_hash
 from medcap.data.folds import group_folds, holdout
+from medcap.files import write_json
 from medcap.generators import Item, generator_kind
 from medcap.logs import progress
 from medcap.pipeline import Stage
-from medcap.runs import Manifest, ResumableJsonl, is_fresh, start_folder, write_json
+from medcap.runs import Manifest, ResumableJsonl, is_fresh, start_folder
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline

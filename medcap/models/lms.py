@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medcap.files import umask
 from medcap.models.devices import resolve_device, torch_dtype
 from medcap.models.hub import ModelNotFoundError
-from medcap.runs import umask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -151,7 +151,7 @@ def build_scratch_lm(captions: list[str], out_dir: Path, *, layers: int = 2, hid
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from medcap.runs import atomic_dir, write_json
+    from medcap.files import atomic_dir, write_json
 
     if (out_dir / "config.json").is_file():
         return out_dir

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcap.config import TrainConfig
+from medcap.files import atomic_dir, write_atomic
 from medcap.models.chat import IGNORE
-from medcap.runs import atomic_dir, write_atomic
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.config import EncoderConfig
-from medcap.runs import atomic_dir, write_json
+from medcap.files import atomic_dir, write_json
 
 if TYPE_CHECKING:
     from medcap.retrieval.encoders import Encoder

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcap.config import EncoderConfig
+from medcap.files import write_atomic, write_json
 from medcap.models.oom import HalvingBatches
 from medcap.records import Example
-from medcap.runs import Manifest, is_fresh, write_atomic, write_json
+from medcap.runs import Manifest, is_fresh
 
 if TYPE_CHECKING:
     from PIL import Image

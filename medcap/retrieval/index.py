@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medcap.config import IndexConfig
-from medcap.runs import write_atomic
+from medcap.files import write_atomic
 
 log = logging.getLogger(__name__)
 
