@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from vllm_support import FP32, phantom_items, require_vllm, vllm_env  # noqa: F401
 
-from medcap.config import EngineConfig, FusionConfig, GenerationConfig, LoraConfig, SynthesizerConfig, TrainConfig
+from medcap.config import EngineConfig, FuserConfig, GenerationConfig, LoraConfig, SynthesizerConfig, TrainConfig
 from medcap.engines.pool import EnginePool, EngineSpec
 
 require_vllm()
@@ -44,8 +44,8 @@ def fuser_dir(items, tmp_path_factory) -> str:
     return str(train_fuser(cfg, train[:3], train[3:], tmp_path_factory.mktemp("fuser")))
 
 
-def fuser_cfg(engine: EngineConfig) -> FusionConfig:
-    return FusionConfig(
+def fuser_cfg(engine: EngineConfig) -> FuserConfig:
+    return FuserConfig(
         name="lm", kind="lm", model="smollm2", engine=engine, generation=GEN,
         lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]),
         train=TrainConfig(max_steps=2, batch_size=2, grad_accum=1, lr=2e-3, eval_every=100, save_every=100),
