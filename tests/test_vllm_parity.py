@@ -10,14 +10,13 @@ must equal the hf engine's (fp32 both sides), and the adapter must change some o
 from __future__ import annotations
 
 import pytest
-from vllm_support import hf_cfg, phantom_items, require_vllm, sft_config, train_sft_adapter, vllm_cfg, vllm_env  # noqa: F401
+from vllm_support import hf_cfg, phantom_items, sft_config, train_sft_adapter, vllm_cfg, vllm_env  # noqa: F401
 
 from medcap.config import GeneratorConfig
 from medcap.engines.pool import EnginePool, spec_of
 from medcap.generators.mllm import MLLMGenerator
 from medcap.models.families import get_family
 
-require_vllm()
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_env")]
 
 FAMILIES = ["llava", "qwen2_5_vl", "medgemma"]

