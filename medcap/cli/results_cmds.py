@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from medcap.cli.common import main, output_option, run_config, user_errors, verbosity
 from medcap.cli.pipeline_cmds import _command
 from medcap.cli.show import history, scores
+
+if TYPE_CHECKING:
+    from medcap.pipeline import Pipeline
 
 
 @main.command("evaluate")
@@ -18,14 +22,25 @@ from medcap.cli.show import history, scores
 @click.option("--caption-set", "names", multiple=True, help="Caption set(s) to score (default: all of the run).")
 @click.option("--suite", default=None, help="Metric suite (default: the run's eval.suite), with all its metrics.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override e.g. eval.bertscore_model.")
+@click.option(
+    "--retrieval",
+    is_flag=True,
+    help="Score the neighbours instead: same-case/location recall and precision, neighbour captions vs references.",
+)
 @verbosity
 @user_errors
-def evaluate_cmd(run_dir: str, splits, names, suite: str | None, overrides) -> None:
-    """Score a run's caption sets with the organisers' preprocessing (only sets whose captions are up to date)."""
+def evaluate_cmd(run_dir: str, splits, names, suite: str | None, overrides, retrieval: bool) -> None:
+    """Score a run's caption sets with the organisers' preprocessing (only sets whose captions are up to date).
+
+    With --retrieval, score its neighbours instead and write scores/retrieval-SPLIT.json (docs/retrieval.md).
+    """
     from medcap.eval.stage import current_scores, evaluate_run
     from medcap.pipeline import Pipeline
 
     cfg = run_config(run_dir, overrides)
+    if retrieval:
+        _evaluate_retrieval(Pipeline(cfg), list(splits) or cfg.data.query_splits)
+        return
     if suite:
         cfg.eval.suite, cfg.eval.metrics = suite, None
     pipe = Pipeline(cfg)
@@ -39,6 +54,28 @@ def evaluate_cmd(run_dir: str, splits, names, suite: str | None, overrides) -> N
     for why in skipped:
         click.echo(f"  skipped {why}")
     scores(current_scores(pipe, splits))
+
+
+def _evaluate_retrieval(pipe: Pipeline, splits: list[str]) -> None:
+    """``evaluate --retrieval``: write scores/retrieval-SPLIT.json and print two tables (docs/retrieval.md)."""
+    from medcap.cli.show import relpath, table
+    from medcap.eval.retrieval_quality import evaluate_retrieval, table_rows
+
+    with pipe.session(_command()):
+        reports, notes = evaluate_retrieval(pipe, splits)
+    for note in notes:
+        click.echo(f"  {note}")
+    if not reports:
+        return
+    for split in reports:
+        click.echo(f"wrote {relpath(pipe.run.root / 'scores' / f'retrieval-{split}.json')}")
+    labels, captions = table_rows(reports)
+    if len(labels) > 1:
+        click.echo("\nneighbours with the query's label (recall R@k, precision P@k)\n")
+        click.echo(table(labels, right=set(range(2, len(labels[0])))))
+    if len(captions) > 1:
+        click.echo("\nneighbour captions against the query's reference (mean of the top k)\n")
+        click.echo(table(captions, right=set(range(1, len(captions[0])))))
 
 
 @main.command("submit")
