@@ -56,6 +56,8 @@ class IndexConfig:
     ef_construction: int = 200
     ef_search: int = 128
     gpu: str = "auto"  # auto (use a GPU when faiss sees one) | never | always
+    space: str = "image"  # image: cosine of image embeddings | caption: of predicted caption embeddings (projection.py)
+    ridge: float = 3.0  # caption space: the ridge of the image -> caption-embedding regression
 
 
 @dataclass
@@ -197,9 +199,17 @@ class FuserConfig:
     """Turns the caption sets of generators (and synthesizers) into one caption per image."""
 
     name: str = "mbr"  # the caption set's name: the folder under fused/
-    kind: str = "mbr"  # mbr (consensus by expected utility) | rerank (image-caption similarity) | lm (LM-Fuser)
+    kind: str = "mbr"  # mbr (consensus by expected utility) | pool-mbr (fuser/pool_mbr.py) | rerank | lm (LM-Fuser)
     candidates: list[str] = field(default_factory=list)  # caption sets it reads (generators, synthesizers); empty: all
     utility: str = "rouge1"  # mbr: rouge1 | bertscore | embedding
+    pool: str = "index"  # pool-mbr: index (every index caption and sentence + candidates) | neighbours (their captions)
+    sentences: bool = True  # pool-mbr: each sentence of an index caption is a hypothesis too
+    evidence_k: int = 200  # pool-mbr: neighbours whose captions are the evidence (at most retrieval.k)
+    tau: float | None = 0.05  # pool-mbr: evidence weights exp((s - s_1) / tau); None: uniform
+    genericity: float = 0.1  # pool-mbr: weight of the penalty on a hypothesis's mean BERTScore to all index captions
+    length_penalty: float = 0.01  # pool-mbr: weight of |ln length - median ln length of the evidence|
+    image_text: float = 0.1  # pool-mbr: weight of cos(image's predicted caption embedding, hypothesis embedding)
+    utility_model: str = "minilm"  # pool-mbr: the BERTScore model of the utility (as eval.bertscore_model)
     model: str = "smollm2"  # lm: the fuser's base causal LM (smollm2 offline, Qwen/Qwen2.5-0.5B-Instruct, ...)
     use_neighbours: bool = False  # lm: also show the neighbours' captions
     k: int = 3  # lm: neighbours shown when use_neighbours
@@ -366,6 +376,7 @@ def check_config(cfg: RunConfig) -> None:
         "data.on_error": (cfg.data.on_error, {"raise", "skip"}),
         "retrieval.index.kind": (cfg.retrieval.index.kind, {"flat", "ivf", "hnsw"}),
         "retrieval.index.gpu": (cfg.retrieval.index.gpu, {"auto", "never", "always"}),
+        "retrieval.index.space": (cfg.retrieval.index.space, {"image", "caption"}),
         "retrieval.encoder.precision": (cfg.retrieval.encoder.precision, {"auto", "fp32", "fp16", "bf16"}),
     }
     for key, (value, allowed) in choices.items():
@@ -376,9 +387,11 @@ def check_config(cfg: RunConfig) -> None:
     names = [o.name for o in (*cfg.generators, *cfg.synthesizers, *cfg.fusers)]
     if len(set(names)) != len(names):
         raise ConfigError(f"generators, synthesizers and fusers: names must be unique, got {names}")
+    from medcap.fuser import KINDS as FUSER_KINDS  # here: the fuser package imports this module
+
     for f in cfg.fusers:
-        if f.kind not in ("mbr", "rerank", "lm"):
-            raise ConfigError(f"fusers.{f.name}.kind: {f.kind!r} is not one of ['lm', 'mbr', 'rerank']")
+        if f.kind not in FUSER_KINDS:
+            raise ConfigError(f"fusers.{f.name}.kind: {f.kind!r} is not one of {sorted(FUSER_KINDS)}")
     for o in (*cfg.synthesizers, *cfg.fusers):
         unknown = [c for c in o.candidates if c not in names or c == o.name]
         if unknown:

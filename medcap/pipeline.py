@@ -116,6 +116,7 @@ class Pipeline:
     peers: list[Path] = field(default_factory=list)  # other run folders whose fresh artifacts may be reused
     history: list[StageRun] = field(default_factory=list)
     allowed: set[str] | None = None  # stages that may run in this command (None: all)
+    derived: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # split -> (parents, IDs)
     _splits: dict[str, SplitData] = field(default_factory=dict, repr=False)
     _data_keys: dict[str, str] = field(default_factory=dict, repr=False)
     _keys: dict[tuple, str] = field(default_factory=dict, repr=False)
@@ -130,6 +131,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ data
     def split(self, name: str) -> SplitData:
+        if name not in self._splits and name in self.derived:
+            parents, ids = self.derived[name]
+            by_id = {ex.id: ex for p in parents for ex in self.split(p).examples}
+            missing = [i for i in ids if i not in by_id]
+            if missing:
+                raise ValueError(f"split {name!r}: {len(missing)} ID(s) not in {parents}, e.g. {missing[0]!r}")
+            self._splits[name] = SplitData(name, [by_id[i] for i in ids])
         if name not in self._splits:
             data = load_split(self.cfg.data, name)
             if self.cfg.data.limit is not None:
@@ -147,6 +155,19 @@ class Pipeline:
                 )
             self._splits[name] = data
         return self._splits[name]
+
+    def derive(self, name: str, parents: list[str], ids: list[str]) -> None:
+        """Split ``name``: the images ``ids`` of the ``parents`` splits (a cross-validation fold)."""
+        self.derived[name] = (list(parents), list(ids))
+        self._splits.pop(name, None)
+        self._data_keys.pop(name, None)
+        self._keys.clear()
+
+    def parents(self, name: str) -> list[str]:
+        """The splits whose images make up ``name`` (a fold, or ``A+B``); empty for a split of the data set."""
+        if name in self.derived:
+            return self.derived[name][0]
+        return name.split("+") if "+" in name else []
 
     def add_split(self, name: str, examples: list[Example]) -> None:
         """A split that is not in the data set (images given to the Python API)."""

@@ -58,3 +58,36 @@ def test_bad_variants_are_refused_with_their_name(config):
         "retrieval.k=1",
         "generators.consensus.k=2",
     ]
+
+
+def test_cv_folds_split_by_case_and_reuse_the_cache(config, tmp_path):
+    from medcap.files import read_jsonl
+
+    args = ["ablate", str(config), "--cv", "2", "--variant", "nearest@nearest", "--variant", "consensus@consensus"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "abl"
+    text = (run / "cv2.md").read_text()
+    assert "case-grouped 2-fold cross-validation over train+valid" in text and "resamples of whole cases" in text
+    assert "distinct captions" in text and "range of the fold means" in text
+    assert (run / "cv2.png").stat().st_size > 1000
+
+    cfg = load_config(config)
+    from medcap.pipeline import Pipeline
+
+    pipe = Pipeline(cfg)
+    case = {ex.id: ex.group for s in ("train", "valid") for ex in pipe.split(s).examples}
+    seen = []
+    for f in range(2):
+        rows = read_jsonl(run / "cv2" / f"fold-{f}" / "nearest" / "neighbours" / f"cv2-{f}.jsonl")
+        queries = {r["id"] for r in rows}
+        seen.append(queries)
+        index = {n["id"] for r in rows for n in r["neighbours"]}
+        assert not queries & index  # the fold's images are never its index
+        assert not {case[q] for q in queries} & {case[i] for i in index}  # nor their cases
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == len(case)  # every image held out once
+    assert not {case[i] for i in seen[0]} & {case[i] for i in seen[1]}  # folds cut by case
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "stages executed: nothing (all cached)" in (run / "cv2.md").read_text()
+    assert CliRunner().invoke(main, [*args, "--split", "valid"]).exit_code != 0  # --cv scores every split

@@ -86,3 +86,37 @@ def test_bootstrap_ci_of_the_median():
     assert mean_high > high
     with pytest.raises(ValueError, match="statistic"):
         bootstrap_ci(values, statistic="mode")
+
+
+def test_case_resampling_equals_image_resampling_for_one_image_per_case():
+    from medcap.eval.stats import cluster_bootstrap_ci, cluster_paired_bootstrap, cluster_randomisation_test
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=80), rng.normal(size=80) + 0.1
+    ids = np.arange(80)  # sorted, one image per case: the same draws as the image-level functions
+    assert cluster_bootstrap_ci(a, ids, n_boot=500, seed=3) == bootstrap_ci(a, n_boot=500, seed=3)
+    assert cluster_paired_bootstrap(a, b, ids, n_boot=500, seed=3) == paired_bootstrap(
+        a, b, n_boot=500, seed=3, alternative="two-sided"
+    )
+    assert cluster_randomisation_test(a, b, ids, n_perm=500, seed=3) == randomisation_test(
+        a, b, n_perm=500, seed=3, alternative="two-sided"
+    )
+
+
+def test_case_resampling_widens_the_interval_of_correlated_images():
+    from medcap.eval.stats import cluster_bootstrap_ci, cluster_randomisation_test
+
+    rng = np.random.default_rng(0)
+    case_effect = rng.normal(size=20)
+    values = np.repeat(case_effect, 10) + 0.05 * rng.normal(size=200)  # 10 near-identical images per case
+    groups = np.repeat(np.arange(20), 10)
+    lo_i, hi_i = bootstrap_ci(values, n_boot=1000, seed=0)
+    lo_c, hi_c = cluster_bootstrap_ci(values, groups, n_boot=1000, seed=0)
+    assert (hi_c - lo_c) > 2.5 * (hi_i - lo_i)  # ~sqrt(10) wider: 20 cases, not 200 images
+    # a shift carried by two cases only is not significant when cases are flipped, though 20 images carry it
+    d = np.zeros(200)
+    d[:20] = 1.0
+    assert cluster_randomisation_test(d, np.zeros(200), groups, n_perm=2000, seed=0) > 0.2
+    assert randomisation_test(d, np.zeros(200), n_perm=2000, seed=0, alternative="two-sided") < 0.01
+    with pytest.raises(ValueError, match="one group per value"):
+        cluster_bootstrap_ci(values, groups[:10])

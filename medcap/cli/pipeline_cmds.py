@@ -219,16 +219,27 @@ def train_encoder_cmd(config: str, overrides: tuple[str, ...], output: str | Non
 )
 @click.option("--reference", default=None, help="Variant the others are tested against (default: the first).")
 @click.option("--split", default=None, help="Split to score (default: the first query split).")
+@click.option(
+    "--cv",
+    "folds",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="K",
+    help="Case-grouped K-fold cross-validation over the captioned splits instead of one split: cvK.md + cvK.png.",
+)
 @verbosity
 @user_errors
-def ablate_cmd(config: str, overrides, variants, reference, split) -> None:
+def ablate_cmd(config: str, overrides, variants, reference, split, folds) -> None:
     """Run variants of CONFIG through the shared cache: ablation.md (table, intervals, tests) + ablation.png."""
-    from medcap.ablate import parse_variant, run_ablation
+    from medcap.ablate import parse_variant, run_ablation, run_cv
     from medcap.pipeline import Pipeline
 
     cfg = load(config, overrides)
+    chosen = [parse_variant(v) for v in variants] or None
+    if folds is not None and split is not None:
+        raise click.UsageError("--cv and --split exclude each other: a CV scores every captioned split")
     with Pipeline(cfg).session(_command()):  # the ablation table and plot go into the main run folder
-        result = run_ablation(cfg, [parse_variant(v) for v in variants] or None, reference, split)
+        result = run_ablation(cfg, chosen, reference, split) if folds is None else run_cv(cfg, folds, chosen, reference)
     click.echo(result.table_md.read_text())
     click.echo(f"wrote {relpath(result.table_md)} and {relpath(result.plot)}")
 

@@ -79,7 +79,13 @@ def list_splits(cfg: DataConfig) -> list[str]:
 
 
 def load_split(cfg: DataConfig, split: str) -> SplitData:
-    """Read one split; raise an InputError listing every problem, or skip bad rows (``on_error: skip``)."""
+    """Read one split; raise an InputError listing every problem, or skip bad rows (``on_error: skip``).
+
+    ``A+B`` is the union of splits A and B, in that order (e.g. ``data.index_split: train+valid``: a
+    submission run's index); an ID in both is an error.
+    """
+    if "+" in split:
+        return _union(cfg, split)
     scan = _scan(cfg, split)
     _check_rows(scan, deep=cfg.verify_images)
     problems = _sorted(scan.problems + [p for r in scan.rows for p in r.problems])
@@ -95,6 +101,26 @@ def load_split(cfg: DataConfig, split: str) -> SplitData:
     ids = list(dict.fromkeys(r.id for r in scan.rows if r.id))
     log.info("%s: %d examples", where, len(examples))
     return SplitData(split, examples, problems, ids, skipped=len(scan.rows) - len(examples))
+
+
+def _union(cfg: DataConfig, split: str) -> SplitData:
+    parts = [load_split(cfg, name) for name in split.split("+")]
+    seen: dict[str, str] = {}
+    for part in parts:
+        for i in part.ids:
+            if i in seen:
+                raise InputError(
+                    [Problem(cfg.root, None, f"ID {i!r} is in split {seen[i]!r} and in split {part.split!r}")],
+                    f"split {split!r}: the splits it joins share an image",
+                )
+            seen[i] = part.split
+    return SplitData(
+        split,
+        [ex for p in parts for ex in p.examples],
+        [x for p in parts for x in p.rejects],
+        [i for p in parts for i in p.ids],
+        sum(p.skipped for p in parts),
+    )
 
 
 def check_dataset(cfg: DataConfig, splits: list[str] | None = None) -> list[Problem]:

@@ -54,7 +54,12 @@ class VariantScores:
 
 
 def ablation_table(
-    variants: Sequence[VariantScores], reference: str, *, n_boot: int = 1000, seed: int = 0
+    variants: Sequence[VariantScores],
+    reference: str,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups: pd.Series | None = None,
 ) -> pd.DataFrame:
     """Rows: variants (in the given order); columns: ``(metric, field)`` for each field of :data:`FIELDS`.
 
@@ -62,12 +67,30 @@ def ablation_table(
     ``delta_low``/``delta_high`` its 95% percentile interval from the same paired resamples as
     ``p_bootstrap``, and the p-values test that difference (two-sided); the reference row has
     delta 0 with a zero-width interval and no p-value.
-    ``table.attrs`` carries ``reference``, ``n_boot`` and ``seed``.
+    ``groups`` (image ID -> case) makes every interval and test resample and flip whole cases.
+    ``table.attrs`` carries ``reference``, ``n_boot``, ``seed`` and ``grouped``.
     """
     import numpy as np
     import pandas as pd
 
-    from medcap.eval.stats import bootstrap_ci, paired_bootstrap, randomisation_test
+    from medcap.eval import stats as st
+
+    def ci(x: pd.Series) -> tuple[float, float]:
+        if groups is None:
+            return st.bootstrap_ci(x.to_numpy(), n_boot=n_boot, seed=seed)
+        return st.cluster_bootstrap_ci(x.to_numpy(), groups.loc[x.index].to_numpy(), n_boot=n_boot, seed=seed)
+
+    def tests(a: np.ndarray, b: np.ndarray, index: pd.Index) -> tuple[float, float]:
+        if groups is None:
+            return (
+                st.paired_bootstrap(a, b, n_boot=n_boot, seed=seed, alternative=TWO_SIDED),
+                st.randomisation_test(a, b, n_perm=n_boot, seed=seed, alternative=TWO_SIDED),
+            )
+        g = groups.loc[index].to_numpy()
+        return (
+            st.cluster_paired_bootstrap(a, b, g, n_boot=n_boot, seed=seed),
+            st.cluster_randomisation_test(a, b, g, n_perm=n_boot, seed=seed),
+        )
 
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -86,7 +109,7 @@ def ablation_table(
             stats["n"] = float(len(values))
             if len(values):
                 stats["mean"] = float(values.mean())
-                low, high = bootstrap_ci(values.to_numpy(), n_boot=n_boot, seed=seed)
+                low, high = ci(values)
                 stats["ci_low"], stats["ci_high"] = float(low), float(high)
             paired = pd.concat([values, _column(ref, metric)], axis=1, join="inner").dropna()
             stats["n_paired"] = float(len(paired))
@@ -96,21 +119,17 @@ def ablation_table(
                 if v.name == reference:
                     stats["delta"] = stats["delta_low"] = stats["delta_high"] = 0.0
                 else:
-                    low, high = bootstrap_ci(a - b, n_boot=n_boot, seed=seed)
+                    low, high = ci(paired.iloc[:, 0] - paired.iloc[:, 1])
                     stats["delta_low"], stats["delta_high"] = float(low), float(high)
-                    stats["p_bootstrap"] = float(
-                        paired_bootstrap(a, b, n_boot=n_boot, seed=seed, alternative=TWO_SIDED)
-                    )
-                    stats["p_randomisation"] = float(
-                        randomisation_test(a, b, n_perm=n_boot, seed=seed, alternative=TWO_SIDED)
-                    )
+                    p_boot, p_rand = tests(a, b, paired.index)
+                    stats["p_bootstrap"], stats["p_randomisation"] = float(p_boot), float(p_rand)
             row.update({(metric, f): stats[f] for f in FIELDS})
         rows[v.name] = row
 
     columns = pd.MultiIndex.from_tuples([(m, f) for m in metrics for f in FIELDS], names=["metric", "field"])
     table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns).astype(float)
     table.index.name = "variant"
-    table.attrs.update(reference=reference, n_boot=n_boot, seed=seed)
+    table.attrs.update(reference=reference, n_boot=n_boot, seed=seed, grouped=groups is not None)
     return table
 
 
@@ -140,9 +159,12 @@ def write_ablation_md(
     reference: str,
     notes: Sequence[str] = (),
     primary: Sequence[str] | None = None,
+    extra: dict[str, dict[str, str]] | None = None,
 ) -> Path:
     """Write the table as Markdown: ``mean [CI]`` per metric, ``Δ [CI]`` and both p-values for the
-    ``primary`` metrics (default: the first), the best mean of each metric in bold. Written atomically."""
+    ``primary`` metrics (default: the first), the best mean of each metric in bold, then the ``extra``
+    columns (column -> variant -> cell). Written atomically."""
+    extra = extra or {}
     metrics = table_metrics(table)
     primary = [m for m in (metrics[:1] if primary is None else primary) if m in metrics]
     n_boot = table.attrs.get("n_boot")
@@ -151,17 +173,19 @@ def write_ablation_md(
         head.append(m)
         if m in primary:
             head += [f"Δ {m} [95% CI]", "p (bootstrap)", "p (randomisation)"]
+    head += list(extra)
     best = {
         m: table[(m, "mean")].min(skipna=True) if m in LOWER_IS_BETTER else table[(m, "mean")].max(skipna=True)
         for m in metrics
     }
 
+    unit = "whole cases" if table.attrs.get("grouped") else "images"
     lines = [f"# {title}", ""]
     lines.append(
         f"Mean per image with a 95% bootstrap confidence interval"
-        f"{f' ({n_boot} resamples)' if n_boot else ''}; Δ is the mean paired difference from the "
+        f"{f' ({n_boot} resamples of {unit})' if n_boot else ''}; Δ is the mean paired difference from the "
         f"reference `{reference}` on the images both have, with its 95% interval (bootstrap of the "
-        f"per-image differences) and two-sided p-values; best mean in bold."
+        f"paired differences, resampling {unit}) and two-sided p-values; best mean in bold."
     )
     lines += [
         "",
@@ -183,6 +207,7 @@ def write_ablation_md(
                 else:
                     delta = _delta_ci(row[(m, "delta")], row[(m, "delta_low")], row[(m, "delta_high")])
                     cells += [delta, _p(row[(m, "p_bootstrap")]), _p(row[(m, "p_randomisation")])]
+        cells += [_md(column.get(str(name), "–")) for column in extra.values()]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines.append("")

@@ -120,3 +120,66 @@ def randomisation_test(
     if exact:
         return float(hits / stats.size)
     return float((1 + hits) / (n_perm + 1))
+
+
+# --------------------------------------------------------------------------- by case (cluster) resampling
+# Images of one case share a caption and look alike: they are not independent. These versions
+# resample and flip whole cases (``groups``: one label per value), as a case-grouped CV needs.
+
+
+def _clusters(values: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-case sums and image counts of ``values``."""
+    x = _vector(values)
+    g = np.asarray(groups).ravel()
+    if g.shape != x.shape:
+        raise ValueError(f"one group per value: {g.size} groups for {x.size} values")
+    _, inverse = np.unique(g, return_inverse=True)
+    return np.bincount(inverse, weights=x), np.bincount(inverse).astype(np.float64)
+
+
+def _cluster_means(sums: np.ndarray, counts: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Image means of ``n_boot`` resamples of whole cases with replacement."""
+    m = sums.size
+    rows = max(1, _CHUNK // m)
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        pick = rng.integers(0, m, size=(stop - start, m))
+        out[start:stop] = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    return out
+
+
+def cluster_bootstrap_ci(
+    values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of the image mean, resampling cases (not images) with replacement."""
+    sums, counts = _clusters(values, groups)
+    means = _cluster_means(sums, counts, n_boot, np.random.default_rng(seed))
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def cluster_paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> float:
+    """Two-sided p of the paired bootstrap test of mean(a - b), resampling cases."""
+    sums, counts = _clusters(_differences(a, b), groups)
+    observed = sums.sum() / counts.sum()
+    shifted = _cluster_means(sums, counts, n_boot, np.random.default_rng(seed)) - observed
+    return float((1 + np.count_nonzero(np.abs(shifted) >= abs(observed) - _TOL)) / (n_boot + 1))
+
+
+def cluster_randomisation_test(
+    a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_perm: int = 10_000, seed: int = 0
+) -> float:
+    """Two-sided p of the sign-flip test of mean(a - b), one random sign per case (its summed differences)."""
+    sums, counts = _clusters(_differences(a, b), groups)
+    n, m = counts.sum(), sums.size
+    observed = sums.sum() / n
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK // m)
+    stats = np.empty(n_perm)
+    for start in range(0, n_perm, rows):
+        stop = min(n_perm, start + rows)
+        stats[start:stop] = (rng.integers(0, 2, size=(stop - start, m)) * 2.0 - 1.0) @ sums / n
+    return float((1 + np.count_nonzero(np.abs(stats) >= abs(observed) - _TOL)) / (n_perm + 1))

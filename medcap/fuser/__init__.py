@@ -1,7 +1,8 @@
 """Fusers: one final caption per image from the caption sets of generators (and synthesizers).
 
 A fuser's ``kind`` names a :class:`FuserKind` in ``KINDS`` (imported when first used): ``mbr``
-(minimum-Bayes-risk selection), ``rerank`` (image-caption similarity), ``lm`` (the LM-Fuser, a small
+(minimum-Bayes-risk selection over the candidates), ``pool-mbr`` (MBR with a BERTScore utility over
+every index caption and sentence against the neighbours' captions), ``rerank`` (image-caption similarity), ``lm`` (the LM-Fuser, a small
 LM trained on candidates -> reference). The fuse and train-fuser stages (``fuser/stage.py``) know no kind.
 """
 
@@ -23,7 +24,13 @@ Item = tuple[str, dict[str, str], NeighbourList | None]
 Fuse = Callable[[list[Item]], list[Candidate]]  # may also have close()
 
 KINDS = Registry(
-    "fuser kind", {"mbr": "medcap.fuser.mbr:MBR", "rerank": "medcap.fuser.mbr:RERANK", "lm": "medcap.fuser.lm:LM"}
+    "fuser kind",
+    {
+        "mbr": "medcap.fuser.mbr:MBR",
+        "pool-mbr": "medcap.fuser.pool_mbr:POOL_MBR",
+        "rerank": "medcap.fuser.mbr:RERANK",
+        "lm": "medcap.fuser.lm:LM",
+    },
 )
 
 

@@ -86,17 +86,11 @@ def source_config(encoder: Encoder, cfg: EncoderConfig) -> tuple[dict[str, Any],
 
 def effnet_minilm_config() -> tuple[dict[str, Any], dict[str, Any]]:
     """The open_clip config of ``medcap-effnet-minilm`` (mirrors :func:`encoders.build_effnet_minilm`)."""
-    from medcap.retrieval.encoders import EFFNET_DIM, MINILM_CONTEXT
+    from medcap.retrieval.encoders import EFFNET_DIM, EFFNET_PREPROCESS_CFG, EFFNET_VISION_CFG, MINILM_CONTEXT
 
     model_cfg = {
         "embed_dim": EFFNET_DIM,
-        "vision_cfg": {
-            "timm_model_name": "efficientnet_lite0",
-            "timm_model_pretrained": False,
-            "timm_pool": "avg",
-            "timm_proj": "none",
-            "image_size": 224,
-        },
+        "vision_cfg": dict(EFFNET_VISION_CFG),
         "text_cfg": {
             "hf_model_name": "",
             "hf_tokenizer_name": "",
@@ -106,15 +100,7 @@ def effnet_minilm_config() -> tuple[dict[str, Any], dict[str, Any]]:
             "context_length": MINILM_CONTEXT,
         },
     }
-    preprocess_cfg = {
-        "size": 224,
-        "mode": "RGB",
-        "mean": [127 / 255] * 3,
-        "std": [128 / 255] * 3,
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-        "fill_color": 0,
-    }
+    preprocess_cfg = dict(EFFNET_PREPROCESS_CFG)
     return model_cfg, preprocess_cfg
 
 

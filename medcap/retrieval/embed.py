@@ -82,7 +82,7 @@ def embed_examples(
             encoder = load_encoder(encoder_cfg)
         _embed_into_chunks(encoder, encoder_cfg, todo, partial_dir(out), key, len(ids), done)
     vectors = _assemble(ids, done)
-    _write_final(out, key, ids, vectors)
+    write_embeddings(out, key, ids, vectors)
     return ids, vectors
 
 
@@ -167,7 +167,8 @@ def _assemble(ids: list[str], done: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack([done[i] for i in ids]).astype(np.float16, copy=False)
 
 
-def _write_final(out: Path, key: str, ids: list[str], vectors: np.ndarray) -> None:
+def write_embeddings(out: Path, key: str, ids: list[str], vectors: np.ndarray) -> None:
+    """Write a finished embeddings artifact (IDs, float16 array, manifest); drop the chunks of a partial run."""
     Manifest(STAGE, key, complete=False).write(out)  # an interrupted write is never taken as fresh
     write_json(ids_path(out), ids)
     write_atomic(out, _npy_bytes(vectors))

@@ -1,15 +1,19 @@
 """The retrieval stages: embed every split, index the index split, find each query's neighbours.
 
 ``embed`` writes ``embeddings/ENCODER/SPLIT.npy`` (resumable chunks), ``index`` the FAISS index of
-the index split, ``retrieve`` ``neighbours/SPLIT.jsonl`` (resumable): the k nearest index images of
+the index split (with ``retrieval.index.space: caption`` also ``ENCODER.projection.npz``, the
+image -> caption-embedding map fitted on the index split, and the index over projected vectors), ``retrieve`` ``neighbours/SPLIT.jsonl`` (resumable): the k nearest index images of
 every query image, never the image itself nor, with ``exclude_same_group``, an image of its case.
 ``train_encoder`` is ``medcap train encoder``: contrastive training of the encoder's projections.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from medcap.config import key_settings
 from medcap.models.hub import model_identity
@@ -19,7 +23,45 @@ from medcap.runs import Manifest, ResumableJsonl, safe_name
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
 
+log = logging.getLogger(__name__)
+
 QUERY_CHUNK = 1024  # queries searched and written per batch (the resumable unit)
+
+
+def sentence_model_of(pipe: Pipeline) -> Any:
+    """The caption-space sentence encoder (MiniLM), loaded once per process."""
+    from medcap.models.textenc import sentence_model
+
+    return pipe.resource(("sentence-model",), sentence_model)
+
+
+def projection_path(index_path: Path) -> Path:
+    """The caption-space projection beside its index (a side file: borrowed and replaced with it)."""
+    return index_path.with_name(index_path.stem + ".projection.npz")
+
+
+def load_projection(pipe: Pipeline) -> Any:
+    """The run's fitted projection (caption space), or None for image-space retrieval."""
+    from medcap.retrieval.projection import Projection
+
+    if pipe.cfg.retrieval.index.space != "caption":
+        return None
+    return Projection.load(projection_path(pipe.path("index")))
+
+
+def check_projection_leak(pipe: Pipeline, split: str) -> None:
+    """Refuse caption-space retrieval for query images whose own captions fitted the projection."""
+    index_captioned = {ex.id for ex in pipe.split(pipe.cfg.data.index_split).examples if (ex.caption or "").strip()}
+    shared = [ex.id for ex in pipe.split(split).examples if ex.id in index_captioned]
+    if shared and split not in pipe.cfg.data.query_splits:  # the index split's own neighbours: training data
+        log.warning("split %s: neighbours in caption space, with a projection fitted on its own captions", split)
+    elif shared:
+        raise ValueError(
+            f"split {split!r} shares {len(shared)} image(s) (e.g. {shared[0]!r}) with the index split "
+            f"{pipe.cfg.data.index_split!r}, on whose captions the caption-space projection was fitted: their "
+            "neighbours would be found with their own captions. Query a split outside the index (index train for "
+            "valid figures; train+valid for a test split), or set retrieval.index.space=image"
+        )
 
 
 def encoder_of(pipe: Pipeline) -> Any:
@@ -40,13 +82,26 @@ class Embed(Stage):
     def path(self, pipe: Pipeline, split: str) -> Path:
         return pipe.run.embeddings(pipe.cfg.retrieval.encoder.name, split)
 
+    def needs(self, pipe: Pipeline, split: str) -> list[tuple]:
+        return [("embed", p) for p in pipe.parents(split)]  # a fold or a union: rows of its parents' arrays
+
     def settings(self, pipe: Pipeline, split: str) -> Any:
+        from medcap.retrieval.encoders import encoder_identity
+
         enc = pipe.cfg.retrieval.encoder
-        return key_settings(enc), model_identity(enc.name), model_identity(enc.pretrained), pipe.data_key(split)
+        return key_settings(enc), encoder_identity(enc.name), model_identity(enc.pretrained), pipe.data_key(split)
 
     def make(self, pipe: Pipeline, out: Path, key: str, split: str) -> None:
-        from medcap.retrieval.embed import embed_examples
+        from medcap.retrieval.embed import embed_examples, load_embeddings, write_embeddings
 
+        if pipe.parents(split):
+            rows = {}
+            for p in pipe.parents(split):
+                ids, vectors = load_embeddings(pipe.path("embed", p))
+                rows.update(zip(ids, vectors, strict=True))
+            ids = [ex.id for ex in pipe.split(split).examples]
+            write_embeddings(out, key, ids, np.stack([rows[i] for i in ids]))
+            return
         enc = pipe.cfg.retrieval.encoder
         embed_examples(enc, pipe.split(split).examples, out, key, encoder=encoder_of(pipe))
 
@@ -71,9 +126,22 @@ class Index(Stage):
         from medcap.retrieval.embed import load_embeddings
         from medcap.retrieval.index import build_index, save_index
 
-        emb = pipe.path("embed", pipe.cfg.data.index_split)
+        cfg, split = pipe.cfg.retrieval.index, pipe.cfg.data.index_split
+        emb = pipe.path("embed", split)
         ids, vectors = load_embeddings(emb)
-        save_index(build_index(vectors, pipe.cfg.retrieval.index), out)
+        side = projection_path(out)
+        if cfg.space == "caption":
+            from medcap.retrieval.projection import caption_embeddings, fit_projection
+
+            by_id = {ex.id: ex for ex in pipe.split(split).examples}
+            rows = [k for k, i in enumerate(ids) if (by_id[i].caption or "").strip()]
+            texts = caption_embeddings([by_id[ids[k]].caption for k in rows], sentence_model_of(pipe))
+            projection = fit_projection(vectors[rows], texts, cfg.ridge)
+            projection.save(side)
+            vectors = projection(vectors)
+        else:
+            side.unlink(missing_ok=True)
+        save_index(build_index(vectors, cfg), out)
         Manifest("index", key, complete=True, inputs=(str(emb),), count=len(ids)).write(out)
 
 
@@ -104,6 +172,10 @@ class Retrieve(Stage):
         index_path, emb = pipe.path("index"), pipe.path("embed", split)
         index_ids, _ = load_embeddings(pipe.path("embed", index_split))
         query_ids, queries = load_embeddings(emb)
+        projection = load_projection(pipe)
+        if projection is not None:
+            check_projection_leak(pipe, split)
+            queries = projection(queries)
         index_examples = {ex.id: ex for ex in pipe.split(index_split).examples}
         query_groups = {ex.id: ex.group for ex in pipe.split(split).examples}
 
