@@ -114,6 +114,16 @@ def cv_splits(cfg: RunConfig) -> list[str]:
     return [s for s in names if all((ex.caption or "").strip() for ex in load_split(cfg.data, s).examples)]
 
 
+def _extra_columns(scored: list, captions: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Beside the means: distinct captions (BERTScore rewards one generic caption) and the median own rank."""
+    from medcap.eval.imageclef import preprocess
+
+    extra = {"distinct captions": {v: str(len({preprocess(c) for c in caps.values()})) for v, caps in captions.items()}}
+    if all("own_rank" in v.per_image for v in scored):
+        extra["median rank"] = {v.name: f"{v.per_image['own_rank'].median():g}" for v in scored}
+    return extra
+
+
 def run_cv(
     cfg: RunConfig, k: int, variants: list[VariantConfig] | None = None, reference: str | None = None
 ) -> AblationResult:
@@ -122,7 +132,6 @@ def run_cv(
 
     from medcap.data.folds import group_folds
     from medcap.eval.ablation import VariantScores, ablation_table, plot_ablation, write_ablation_md
-    from medcap.eval.imageclef import preprocess
     from medcap.pipeline import Pipeline
 
     if k < 2:
@@ -163,9 +172,7 @@ def run_cv(
     scored = [VariantScores(v.name, pd.concat(frames[v.name])) for v in variants]
     table = ablation_table(scored, reference, n_boot=cfg.ablation.n_boot, seed=cfg.seed, groups=groups)
     metrics = list(scored[0].per_image.columns)
-    extra = {"distinct captions": {v: str(len({preprocess(c) for c in caps.values()})) for v, caps in captions.items()}}
-    if "own_rank" in metrics:
-        extra["median rank"] = {v.name: f"{v.per_image['own_rank'].median():g}" for v in scored}
+    extra = _extra_columns(scored, captions)
     lines = [f"| variant | {' | '.join(metrics)} |", "|---|" + "---|" * len(metrics)]
     for v in variants:
         means = pd.DataFrame(fold_means[v.name])
@@ -206,11 +213,11 @@ def run_ablation(
 
     peers = [Path(cfg.run_dir)]
     executions: Counter = Counter()
-    scored = []
+    scored, captions = [], {}
     for variant in variants:
         vcfg = variant_config(cfg, variant, split)
         pipe = Pipeline(vcfg, peers=list(peers))
-        per_image, _ = _run_variant(pipe, variant, split, cfg.eval.metrics or [])
+        per_image, captions[variant.name] = _run_variant(pipe, variant, split, cfg.eval.metrics or [])
         executions.update(s.stage for s in pipe.history if s.ran)
         scored.append(VariantScores(variant.name, per_image))
         peers.append(pipe.run.root)
@@ -228,7 +235,8 @@ def run_ablation(
         for v in variants
     ]
     md = write_ablation_md(
-        table, root / "ablation.md", title=f"Ablation of {cfg.name}", reference=reference, notes=notes
-    )
+        table, root / "ablation.md", title=f"Ablation of {cfg.name}", reference=reference, notes=notes,
+        extra=_extra_columns(scored, captions),
+    )  # fmt: skip
     png = plot_ablation(table, root / "ablation.png")
     return AblationResult(md, png, table, executions)

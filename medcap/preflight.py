@@ -159,6 +159,8 @@ def _engine(report: Report, what: str, kind: str) -> None:
 
 
 def check_models(pipe: Pipeline, stages: list[str], report: Report) -> None:
+    from medcap.eval.metrics import resolve_bertscore_model
+    from medcap.fuser import fuser_kind
     from medcap.generators import MLLM_KINDS
     from medcap.models.families import get_family
     from medcap.retrieval.encoders import locate_encoder
@@ -181,6 +183,11 @@ def check_models(pipe: Pipeline, stages: list[str], report: Report) -> None:
             _check(report, f"synthesizers.{s.name}.model", lambda s=s: lm_location(s.model))
         _engine(report, f"synthesizers.{s.name}.engine", s.engine.kind)
     for f in cfg.fusers:
+        _check(report, f"fusers.{f.name}.kind", lambda f=f: fuser_kind(f.kind) and f.kind)
+        if f.kind == "pool-mbr":
+            _check(
+                report, f"fusers.{f.name}.utility_model", lambda f=f: resolve_bertscore_model(f.utility_model, None)[0]
+            )
         if f.kind == "lm":
             _check(report, f"fusers.{f.name}.model", lambda f=f: lm_location(f.model))
             _engine(report, f"fusers.{f.name}.engine", f.engine.kind)

@@ -32,12 +32,13 @@ def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
 
 def history(pipe: Any) -> None:
     """One line per artifact the command touched: done (made now) or cached (up to date)."""
-    ran = [s for s in pipe.history if s.ran]
-    click.echo(
-        f"{len(ran)} artifact(s) written, {len(pipe.history) - len(ran)} up to date, in {relpath(pipe.run.root)}"
-    )
-    width = max((len(s.stage) for s in pipe.history), default=0)
+    seen: dict[Any, Any] = {}  # one line per artifact, in the order first touched; made now wins over cached
     for s in pipe.history:
+        seen[s.artifact] = s if s.ran or s.artifact not in seen else seen[s.artifact]
+    ran = sum(1 for s in seen.values() if s.ran)
+    click.echo(f"{ran} artifact(s) written, {len(seen) - ran} up to date, in {relpath(pipe.run.root)}")
+    width = max((len(s.stage) for s in seen.values()), default=0)
+    for s in seen.values():
         click.echo(f"  {'done  ' if s.ran else 'cached'} {s.stage:<{width}}  {relpath(s.artifact)}")
 
 

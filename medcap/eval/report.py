@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 QUERY_SIDE = 256  # max side of a query thumbnail, pixels
 NEIGHBOUR_SIDE = 96
+SHOWN_NEIGHBOURS = 5  # a card shows the nearest few; a caption-space fuser may weigh 200
 
 
 def write_report(
@@ -171,8 +172,9 @@ def _card(view: RunView, image_id: str, sources, metrics: list[str], sort_keys, 
                 "concepts": _concepts(n.get("concepts"), view.cui_names),
                 "image": thumbs(view.index_examples.get(n.get("id")), NEIGHBOUR_SIDE),
             }
-            for n in view.neighbours.get(image_id, [])
+            for n in view.neighbours.get(image_id, [])[:SHOWN_NEIGHBOURS]
         ],
+        "more_neighbours": max(0, len(view.neighbours.get(image_id, [])) - SHOWN_NEIGHBOURS),
     }
 
 

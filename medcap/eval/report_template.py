@@ -122,7 +122,7 @@ figure.nb .meta { color: var(--muted); font-family: ui-monospace, monospace; fon
 {% endfor %}</tbody>
 </table>
 </div>
-{% if c.neighbours %}<div class="neighbours">{% for n in c.neighbours %}<figure class="nb">{% if n.image %}<img src="{{ n.image }}" alt="{{ n.id }}" />{% else %}<div class="noimg">no image</div>{% endif %}<div class="meta">#{{ loop.index }}{% if n.cos %} · <span class="cos" title="{{ similarity_tip }}">cos {{ n.cos }}</span>{% endif %}<br />{{ n.id }}</div><figcaption>{{ n.caption }}</figcaption>{% if n.concepts %}<div class="concepts">{% for k in n.concepts %}<span class="cui">{{ k.id }}</span>{% if k.name %} {{ k.name }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}</div>{% endif %}</figure>{% endfor %}</div>{% endif %}
+{% if c.neighbours %}<div class="neighbours">{% for n in c.neighbours %}<figure class="nb">{% if n.image %}<img src="{{ n.image }}" alt="{{ n.id }}" />{% else %}<div class="noimg">no image</div>{% endif %}<div class="meta">#{{ loop.index }}{% if n.cos %} · <span class="cos" title="{{ similarity_tip }}">cos {{ n.cos }}</span>{% endif %}<br />{{ n.id }}</div><figcaption>{{ n.caption }}</figcaption>{% if n.concepts %}<div class="concepts">{% for k in n.concepts %}<span class="cui">{{ k.id }}</span>{% if k.name %} {{ k.name }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}</div>{% endif %}</figure>{% endfor %}{% if c.more_neighbours %}<div class="meta">and {{ c.more_neighbours }} more neighbours (neighbours/SPLIT.jsonl)</div>{% endif %}</div>{% endif %}
 </article>
 {% endfor %}</div>
 </main>
