@@ -114,6 +114,12 @@ def cv_splits(cfg: RunConfig) -> list[str]:
     return [s for s in names if all((ex.caption or "").strip() for ex in load_split(cfg.data, s).examples)]
 
 
+def _primary(scored: list) -> list[str]:
+    """The metrics whose Δ and tests the table shows: BERTScore and ROUGE-1 (the 2024 pair), else the first."""
+    metrics = list(scored[0].per_image.columns)
+    return [m for m in ("bertscore", "rouge1") if m in metrics] or metrics[:1]
+
+
 def _extra_columns(scored: list, captions: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     """Beside the means: distinct captions (BERTScore rewards one generic caption) and the median own rank."""
     from medcap.eval.imageclef import preprocess
@@ -192,7 +198,7 @@ def run_cv(
         for v in variants
     ]
     out = Path(cfg.run_dir)
-    primary = [m for m in ("bertscore", "rouge1") if m in metrics] or metrics[:1]
+    primary = _primary(scored)
     md = write_ablation_md(
         table, out / f"cv{k}.md", title=f"{k}-fold CV of {cfg.name}", reference=reference,
         notes=notes, primary=primary, extra=extra,
@@ -205,6 +211,8 @@ def run_ablation(
     cfg: RunConfig, variants: list[VariantConfig] | None = None, reference: str | None = None, split: str | None = None
 ) -> AblationResult:
     """Run every variant (sharing cached stages), score it, and write ablation.md and ablation.png."""
+    import pandas as pd
+
     from medcap.eval.ablation import VariantScores, ablation_table, plot_ablation, write_ablation_md
     from medcap.pipeline import Pipeline
 
@@ -223,7 +231,10 @@ def run_ablation(
         peers.append(pipe.run.root)
         log.info("ablation: %s done (%s)", variant.name, ", ".join(f"{k}={v:.4f}" for k, v in per_image.mean().items()))
 
-    table = ablation_table(scored, reference, n_boot=cfg.ablation.n_boot, seed=cfg.seed)
+    groups = pd.Series(
+        {ex.id: ex.group or ex.id for ex in pipe.split(split).examples}
+    )  # images of a case move together
+    table = ablation_table(scored, reference, n_boot=cfg.ablation.n_boot, seed=cfg.seed, groups=groups)
     root = Path(cfg.run_dir)
     ran = ", ".join(f"{stage} x{n}" for stage, n in sorted(executions.items())) or "nothing (all cached)"
     notes = [
@@ -236,7 +247,7 @@ def run_ablation(
     ]
     md = write_ablation_md(
         table, root / "ablation.md", title=f"Ablation of {cfg.name}", reference=reference, notes=notes,
-        extra=_extra_columns(scored, captions),
+        extra=_extra_columns(scored, captions), primary=_primary(scored),
     )  # fmt: skip
     png = plot_ablation(table, root / "ablation.png")
     return AblationResult(md, png, table, executions)

@@ -387,12 +387,6 @@ def check_config(cfg: RunConfig) -> None:
     names = [o.name for o in (*cfg.generators, *cfg.synthesizers, *cfg.fusers)]
     if len(set(names)) != len(names):
         raise ConfigError(f"generators, synthesizers and fusers: names must be unique, got {names}")
-    for f in cfg.fusers:
-        if f.kind == "pool-mbr" and f.image_text and cfg.retrieval.index.space != "caption":
-            raise ConfigError(
-                f"fusers.{f.name}.image_text needs retrieval.index.space: caption (the image's predicted caption "
-                "embedding); set it to 0 for image-space retrieval"
-            )
     for o in (*cfg.synthesizers, *cfg.fusers):
         unknown = [c for c in o.candidates if c not in names or c == o.name]
         if unknown:

@@ -188,6 +188,10 @@ def check_models(pipe: Pipeline, stages: list[str], report: Report) -> None:
             _check(
                 report, f"fusers.{f.name}.utility_model", lambda f=f: resolve_bertscore_model(f.utility_model, None)[0]
             )
+            if f.image_text and cfg.retrieval.index.space != "caption":
+                report.add(
+                    f"fusers.{f.name}.image_text", False, "needs retrieval.index.space: caption (or image_text: 0)"
+                )
         if f.kind == "lm":
             _check(report, f"fusers.{f.name}.model", lambda f=f: lm_location(f.model))
             _engine(report, f"fusers.{f.name}.engine", f.engine.kind)

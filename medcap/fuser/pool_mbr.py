@@ -223,6 +223,11 @@ class PoolMBRKind(FuserKind):
 
         if cfg.pool not in ("index", "neighbours"):
             raise ConfigError(f"fusers.{cfg.name}.pool: {cfg.pool!r} is not one of ['index', 'neighbours']")
+        if cfg.image_text and pipe.cfg.retrieval.index.space != "caption":
+            raise ConfigError(
+                f"fusers.{cfg.name}.image_text needs retrieval.index.space: caption (the image's predicted caption "
+                "embedding); set it to 0 for image-space retrieval"
+            )
         examples = pipe.split(pipe.cfg.data.index_split).examples
         captions = [(ex.caption, ex.group or ex.id) for ex in examples if (ex.caption or "").strip()]
         scorer = pipe.resource(
