@@ -160,19 +160,20 @@ def write_ablation_md(
     notes: Sequence[str] = (),
     primary: Sequence[str] | None = None,
     extra: dict[str, dict[str, str]] | None = None,
+    skip: Sequence[str] = (),
 ) -> Path:
     """Write the table as Markdown: ``mean [CI]`` per metric, ``Δ [CI]`` and both p-values for the
     ``primary`` metrics (default: the first), the best mean of each metric in bold, then the ``extra``
-    columns (column -> variant -> cell). Written atomically."""
+    columns (column -> variant -> cell); ``skip`` leaves metrics out of the Markdown (not the table). Written atomically."""
     extra = extra or {}
-    metrics = table_metrics(table)
+    metrics = [m for m in table_metrics(table) if m not in skip]
     primary = [m for m in (metrics[:1] if primary is None else primary) if m in metrics]
     n_boot = table.attrs.get("n_boot")
     head = ["variant", "n"]
     for m in metrics:
         head.append(m)
         if m in primary:
-            head += [f"Δ {m} [95% CI]", "p (bootstrap)", "p (randomisation)"]
+            head += [f"Δ {m} [95% CI]", "p (bootstrap / randomisation)"]
     head += list(extra)
     best = {
         m: table[(m, "mean")].min(skipna=True) if m in LOWER_IS_BETTER else table[(m, "mean")].max(skipna=True)
@@ -203,10 +204,10 @@ def write_ablation_md(
             cells.append(cell)
             if m in primary:
                 if name == reference:
-                    cells += ["—", "—", "—"]
+                    cells += ["—", "—"]
                 else:
                     delta = _delta_ci(row[(m, "delta")], row[(m, "delta_low")], row[(m, "delta_high")])
-                    cells += [delta, _p(row[(m, "p_bootstrap")]), _p(row[(m, "p_randomisation")])]
+                    cells += [delta, f"{_p(row[(m, 'p_bootstrap')])} / {_p(row[(m, 'p_randomisation')])}"]
         cells += [_md(column.get(str(name), "–")) for column in extra.values()]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 QUERY_SIDE = 256  # max side of a query thumbnail, pixels
 NEIGHBOUR_SIDE = 96
+LOWER_IS_BETTER = frozenset({"median_rank", "own_rank"})  # ranks of the own reference: 1 is best
+COUNTS = frozenset({"distinct"})  # not better or worse: no bold
 SHOWN_NEIGHBOURS = 5  # a card shows the nearest few; a caption-space fuser may weigh 200
 
 
@@ -145,12 +147,12 @@ def _card(view: RunView, image_id: str, sources, metrics: list[str], sort_keys, 
                 "fallback": image_id in cs.fallback,
                 "submitted": cs.submitted,
                 "values": row,
-                "scores": {m: _fmt(row.get(m)) for m in metrics},
+                "scores": {m: _fmt(row.get(m), whole=m in COUNTS | LOWER_IS_BETTER) for m in metrics},
             }
         )
     for m in metrics:  # bold the best caption of this image on each metric
         vals = [r["values"].get(m) for r in captions]
-        top = max((v for v in vals if _num(v)), default=None)
+        top = (min if m in LOWER_IS_BETTER else max)((v for v in vals if _num(v)), default=None)
         for r, v in zip(captions, vals, strict=True):
             r.setdefault("best", {})[m] = top is not None and _num(v) and v == top and len(captions) > 1
     sort = {}
@@ -175,6 +177,7 @@ def _card(view: RunView, image_id: str, sources, metrics: list[str], sort_keys, 
             for n in view.neighbours.get(image_id, [])[:SHOWN_NEIGHBOURS]
         ],
         "more_neighbours": max(0, len(view.neighbours.get(image_id, [])) - SHOWN_NEIGHBOURS),
+        "neighbours_file": f"neighbours/{view.split}.jsonl",
     }
 
 
@@ -193,15 +196,16 @@ def _corpus(view: RunView) -> tuple[list[str], list[dict[str, Any]]]:
         best = {}
         for m in metrics:
             same = [o.get("metrics", {}).get(m) for o in rows if o.get("split") == s.get("split")]
-            top = max((v for v in same if _num(v)), default=None)
-            best[m] = top is not None and _num(vals.get(m)) and vals[m] == top and len(same) > 1
+            pick = min if m in LOWER_IS_BETTER else max
+            top = pick((v for v in same if _num(v)), default=None)
+            best[m] = m not in COUNTS and top is not None and _num(vals.get(m)) and vals[m] == top and len(same) > 1
         out.append(
             {
                 "caption_set": s["caption_set"],
                 "split": s["split"],
                 "submitted": s["caption_set"] == submitted,
                 "n": s.get("n", ""),
-                "metrics": {m: _fmt(vals.get(m)) for m in metrics},
+                "metrics": {m: _fmt(vals.get(m), whole=m in COUNTS | LOWER_IS_BETTER) for m in metrics},
                 "best": best,
             }
         )
@@ -233,8 +237,10 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if _num(v) else ""
+def _fmt(v: Any, whole: bool = False) -> str:
+    if not _num(v):
+        return ""
+    return f"{v:g}" if whole else f"{v:.4f}"
 
 
 # --------------------------------------------------------------------------- Markdown

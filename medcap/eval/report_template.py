@@ -27,9 +27,9 @@ th { background: #eef1f6; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.current td { background: #f3f7ff; }
 .scroll { overflow-x: auto; }
-.md table { width: 100%; }
-.md th { white-space: normal; vertical-align: bottom; }
-.md td { padding: 3px 8px; }
+.md table { width: 100%; font-size: 12px; }
+.md th { white-space: normal; vertical-align: bottom; padding: 4px 5px; }
+.md td { padding: 3px 5px; }
 .md .ci { font-size: 11px; color: var(--muted); }
 img.plot { max-width: 100%; height: auto; display: block; margin-top: 12px; }
 ul.sets { list-style: none; margin: 0; padding: 0; display: flex; flex-wrap: wrap; gap: 6px 8px; }
@@ -122,7 +122,7 @@ figure.nb .meta { color: var(--muted); font-family: ui-monospace, monospace; fon
 {% endfor %}</tbody>
 </table>
 </div>
-{% if c.neighbours %}<div class="neighbours">{% for n in c.neighbours %}<figure class="nb">{% if n.image %}<img src="{{ n.image }}" alt="{{ n.id }}" />{% else %}<div class="noimg">no image</div>{% endif %}<div class="meta">#{{ loop.index }}{% if n.cos %} · <span class="cos" title="{{ similarity_tip }}">cos {{ n.cos }}</span>{% endif %}<br />{{ n.id }}</div><figcaption>{{ n.caption }}</figcaption>{% if n.concepts %}<div class="concepts">{% for k in n.concepts %}<span class="cui">{{ k.id }}</span>{% if k.name %} {{ k.name }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}</div>{% endif %}</figure>{% endfor %}{% if c.more_neighbours %}<div class="meta">and {{ c.more_neighbours }} more neighbours (neighbours/SPLIT.jsonl)</div>{% endif %}</div>{% endif %}
+{% if c.neighbours %}<div class="neighbours">{% for n in c.neighbours %}<figure class="nb">{% if n.image %}<img src="{{ n.image }}" alt="{{ n.id }}" />{% else %}<div class="noimg">no image</div>{% endif %}<div class="meta">#{{ loop.index }}{% if n.cos %} · <span class="cos" title="{{ similarity_tip }}">cos {{ n.cos }}</span>{% endif %}<br />{{ n.id }}</div><figcaption>{{ n.caption }}</figcaption>{% if n.concepts %}<div class="concepts">{% for k in n.concepts %}<span class="cui">{{ k.id }}</span>{% if k.name %} {{ k.name }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}</div>{% endif %}</figure>{% endfor %}{% if c.more_neighbours %}<div class="meta">and {{ c.more_neighbours }} more neighbours in {{ c.neighbours_file }}</div>{% endif %}</div>{% endif %}
 </article>
 {% endfor %}</div>
 </main>
