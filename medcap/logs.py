@@ -108,11 +108,16 @@ def run_log(root: Path, command: str) -> Iterator[Path]:
     handler.addFilter(ours_or_warning)
     root_logger = logging.getLogger()
     root_logger.addHandler(handler)
+    marks = logging.getLogger("medcap.run_log")  # where each command starts and ends: the file only, not the terminal
+    marks.propagate = False
+    marks.setLevel(logging.INFO)
+    marks.addHandler(handler)
     start = time.time()
-    logging.getLogger("medcap").info("---- %s", command)
+    marks.info("---- %s", command)
     try:
         yield path
     finally:
-        logging.getLogger("medcap").info("---- finished in %.0f s", time.time() - start)
+        marks.info("---- finished in %.0f s", time.time() - start)
+        marks.removeHandler(handler)
         root_logger.removeHandler(handler)
         handler.close()

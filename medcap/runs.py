@@ -110,7 +110,7 @@ def borrow(artifact: Path, key: str, peers: list[Path], root: Path) -> bool:
                 if side.is_file() and side != manifest_path(src):
                     _link_or_copy(side, dst.parent / side.name)
         _link_or_copy(manifest_path(src), manifest_path(dst))  # last: the copy is fresh only when whole
-        log.info("%s: taken from %s", dst, src)
+        log.debug("%s: taken from %s", dst, src)
         return True
     return False
 

@@ -99,7 +99,7 @@ def load_split(cfg: DataConfig, split: str) -> SplitData:
         if not r.problems
     ]
     ids = list(dict.fromkeys(r.id for r in scan.rows if r.id))
-    log.info("%s: %d examples", where, len(examples))
+    log.debug("%s: %d examples", where, len(examples))
     return SplitData(split, examples, problems, ids, skipped=len(scan.rows) - len(examples))
 
 
