@@ -131,7 +131,8 @@ def test_markdown_has_every_variant_and_metric_and_bolds_the_best(variants, tmp_
     row = table.loc["better"]
     delta = f"{row[('bertscore', 'delta')]:+.4f} [{row[('bertscore', 'delta_low')]:+.3f}, {row[('bertscore', 'delta_high')]:+.3f}]"
     assert re.search(
-        r"\| \*\*\d\.\d{4} \[\d\.\d{2}, \d\.\d{2}\]\*\* \| " + re.escape(delta) + r" \| <?0\.\d{3} / <?0\.\d{3} \|", better
+        r"\| \*\*\d\.\d{4} \[\d\.\d{2}, \d\.\d{2}\]\*\* \| " + re.escape(delta) + r" \| <?0\.\d{3} / <?0\.\d{3} \|",
+        better,
     )
 
     page = markdown_html(text)  # what the report shows of it: each interval on a line of its own
