@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcap.retrieval.encoders import (
+from medcap.retrieval.effnet_minilm import (
     EFFNET_MINILM_VERSION,
     EFFNET_VISION_CFG,
     OFFLINE_ENCODER,
     _load_effnet_weights,
-    encoder_identity,
 )
+from medcap.retrieval.encoders import encoder_identity
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")

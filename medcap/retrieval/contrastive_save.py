@@ -85,8 +85,8 @@ def source_config(encoder: Encoder, cfg: EncoderConfig) -> tuple[dict[str, Any],
 
 
 def effnet_minilm_config() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The open_clip config of ``medcap-effnet-minilm`` (mirrors :func:`encoders.build_effnet_minilm`)."""
-    from medcap.retrieval.encoders import EFFNET_DIM, EFFNET_PREPROCESS_CFG, EFFNET_VISION_CFG, MINILM_CONTEXT
+    """The open_clip config of ``medcap-effnet-minilm`` (mirrors :func:`effnet_minilm.build_effnet_minilm`)."""
+    from medcap.retrieval.effnet_minilm import EFFNET_DIM, EFFNET_PREPROCESS_CFG, EFFNET_VISION_CFG, MINILM_CONTEXT
 
     model_cfg = {
         "embed_dim": EFFNET_DIM,
