@@ -15,8 +15,11 @@ neighbours' captions ``e_l`` with similarities ``s_l``; BS = BERTScore F1 on the
 preprocessed text; G(h) = mean BS of ``h`` to the captions of all index images (BERTScore rewards
 generic text: this keeps the caption specific); n = ROUGE token count (length calibration);
 ``p_q`` the image's predicted caption embedding (``retrieval.index.space: caption``) and ``t_h`` the
-hypothesis's MiniLM embedding. The fuser learns nothing from any query's reference; a hypothesis that
-only the query's own case wrote is never offered to it. Design and CV measurements: docs/results.md.
+hypothesis's MiniLM embedding. Cost: ``pool: index`` scores every hypothesis against every distinct index
+caption once per run (MedPix: ~2,300 x 1,000 pairs, about a minute on 2 cores); for a ROCO-sized index
+(60,000 captions) that grows quadratically, and ``pool: neighbours`` is the one that scales. The fuser
+learns nothing from any query's reference; a hypothesis that only the query's own case wrote is never
+offered to it. Design and CV measurements: docs/results.md.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_SENTENCE_WORDS = 3
+LARGE_POOL = 50_000_000  # hypothesis x index-caption pairs beyond which the index pool is slow (ROCO-sized)
 
 
 def ntokens(text: str) -> int:
@@ -106,6 +110,12 @@ def build_pool(
     distinct = sorted({preprocess(c) for c, _ in captions})
     col = {t: j for j, t in enumerate(distinct)}
     log.info("%s: scoring %d hypotheses x %d index captions (BERTScore)", cfg.name, len(text), len(distinct))
+    if len(text) * len(distinct) > LARGE_POOL:
+        log.warning(
+            "%s: %d x %d BERTScore pairs is a large pool (MedPix: 2,300 x 1,000, ~1 min on 2 cores); "
+            "pool: neighbours scores only each image's neighbours' captions",
+            cfg.name, len(text), len(distinct),
+        )  # fmt: skip
     bs = scorer.block(text, distinct)
     per_image = np.array([col[preprocess(c)] for c, _ in captions])
     genericity = bs[:, per_image].mean(axis=1) if cfg.genericity else np.zeros(len(text))
