@@ -309,10 +309,11 @@ def forest_figure(table: pd.DataFrame, *, metrics: Sequence[str] | None = None):
                 label.set_fontweight("bold")
         ax.set_ylim(y.min() - 0.7, y.max() + 0.7)
     n_boot = table.attrs.get("n_boot")
+    unit = " of whole cases" if table.attrs.get("grouped") else ""
     note = (
         f"Δ: mean per-image difference from the reference {reference!r} (point) with its 95% paired bootstrap "
-        f"interval{f' ({n_boot} resamples)' if n_boot else ''} (bar); filled: the interval excludes 0; "
-        "p: two-sided sign-flip randomisation test"
+        f"interval{f' ({n_boot} resamples{unit})' if n_boot else ''} (bar); filled: the interval excludes 0; "
+        f"p: two-sided sign-flip randomisation test{' (cases flipped together)' if unit else ''}"
     )
     width_chars = int(fig.get_figwidth() * 17)  # ~17 characters of 7 pt type per inch
     fig.supxlabel(textwrap.fill(note, width_chars), fontsize=7, color="0.3")
