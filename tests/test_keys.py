@@ -1,5 +1,5 @@
 """Cache keys are complete: every leaf setting of the typed config changes the key of the stage it
-configures, unless it is in ``config.NO_EFFECT`` (settings that cannot change a result), and those
+configures, unless it is in ``keys.NO_EFFECT`` (settings that cannot change a result), and those
 change no key at all. A new config field that is in neither fails here.
 
 The config below has one caption set of every kind, so every stage and every kind's settings are
@@ -13,7 +13,8 @@ import typing
 
 import pytest
 
-from medcap.config import NO_EFFECT, FuserConfig, LoraConfig, RunConfig, load_config
+from medcap.config import FuserConfig, LoraConfig, RunConfig, load_config
+from medcap.keys import NO_EFFECT
 from medcap.pipeline import STAGES, Pipeline, get_stage
 
 CONFIG = {

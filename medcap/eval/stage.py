@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import key_settings
 from medcap.files import read_json, write_json
+from medcap.keys import key_settings
 from medcap.pipeline import Stage
 from medcap.runs import Manifest, is_fresh
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import FuserConfig, key_settings
+from medcap.config import FuserConfig
+from medcap.keys import key_settings
 from medcap.records import Candidate, NeighbourList
 from medcap.registry import Registry
 

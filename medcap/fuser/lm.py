@@ -10,10 +10,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import FuserConfig, key_settings
+from medcap.config import FuserConfig
 from medcap.engines.base import Engine, Request
 from medcap.fuser import Fuse, FuserKind
 from medcap.fuser.lm_prompt import META, fuser_prompt, read_meta
+from medcap.keys import key_settings
 from medcap.models.captions import clean_caption
 from medcap.models.hub import model_identity
 from medcap.records import Candidate, NeighbourList

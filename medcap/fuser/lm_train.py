@@ -24,8 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import FuserConfig, key_settings
+from medcap.config import FuserConfig
 from medcap.fuser.lm_prompt import META, fuser_prompt
+from medcap.keys import key_settings
 from medcap.models import training
 from medcap.models.chat import (
     IGNORE,

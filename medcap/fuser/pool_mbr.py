@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medcap.config import ConfigError, FuserConfig, key_settings
+from medcap.config import ConfigError, FuserConfig
 from medcap.eval.imageclef import preprocess
 from medcap.fuser import Fuse, FuserKind, Item
+from medcap.keys import key_settings
 from medcap.records import Candidate
 
 if TYPE_CHECKING:

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig, key_settings
+from medcap.config import GeneratorConfig
+from medcap.keys import key_settings
 from medcap.records import Candidate, Example, NeighbourList
 
 if TYPE_CHECKING:

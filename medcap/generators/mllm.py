@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig, key_settings
+from medcap.config import GeneratorConfig
 from medcap.engines.base import Engine, Request
 from medcap.generators.kind import Generator, GeneratorKind, Item
 from medcap.generators.prompts import mllm_request
+from medcap.keys import key_settings
 from medcap.models.captions import clean_caption
 from medcap.models.families import get_family
 from medcap.models.hub import model_identity

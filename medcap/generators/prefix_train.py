@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medcap.config import GeneratorConfig, key_settings
+from medcap.config import GeneratorConfig
 from medcap.generators.kind import Generator, GeneratorKind, Item
 from medcap.generators.prefix import PrefixCaptioner, PrefixModelConfig
+from medcap.keys import key_settings
 from medcap.models import training
 from medcap.models.hub import model_identity
 from medcap.records import Candidate

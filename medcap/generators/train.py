@@ -24,11 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig, LoraConfig, key_settings
+from medcap.config import GeneratorConfig, LoraConfig
 from medcap.configio import config_hash, to_dict
 from medcap.files import write_json
 from medcap.generators.sft_data import Pair, SFTCollator, check_pairs
 from medcap.generators.sft_eval import forward_losses, validate
+from medcap.keys import key_settings
 from medcap.models import training
 from medcap.models.chat import eos_ids
 from medcap.models.families import Family, cap_pixels, get_family, resolve_device, resolve_model

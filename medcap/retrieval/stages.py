@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medcap.config import key_settings
+from medcap.keys import key_settings
 from medcap.models.hub import model_identity
 from medcap.pipeline import Stage
 from medcap.runs import Manifest, ResumableJsonl, safe_name

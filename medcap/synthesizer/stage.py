@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import key_settings
+from medcap.keys import key_settings
 from medcap.logs import progress
 from medcap.models.hub import model_identity
 from medcap.pipeline import Stage
