@@ -17,15 +17,8 @@ from pathlib import Path
 
 from medcap.data.problems import InputError, Problem
 from medcap.eval.imageclef import SubmissionFormat, submission_format
-from medcap.eval.submission_check import (
-    FIELD_LIMIT,
-    LONG_CAPTION,
-    SubmissionCheck,
-    check_submission,
-    records,
-    repeats,
-    sample,
-)
+from medcap.eval.submission_check import FIELD_LIMIT, LONG_CAPTION, SubmissionCheck, check_submission
+from medcap.eval.submission_read import records, repeats, sample
 from medcap.files import write_atomic, write_atomic_all
 
 __all__ = [

@@ -20,17 +20,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
-import io
 import logging
 import unicodedata
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from medcap.data.problems import Problem
 from medcap.eval.imageclef import SubmissionFormat, submission_format
+from medcap.eval.submission_read import Record, load_submission, records, repeats, sample
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +36,6 @@ LONG_CAPTION = 1000  # characters; ImageCLEF reference captions are ~20 words, a
 FIELD_LIMIT = csv.field_size_limit()  # the organisers' csv.reader fails on a longer field (131,072)
 _SEPARATORS = {",": "',' (comma)", "|": "'|' (pipe)", ";": "';' (semicolon)", "\t": "a tab"}
 _BAD_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Zl", "Zp"}  # control, format (zero-width), private, unassigned
-
-
-class Record(NamedTuple):
-    """One CSV row with the file line it starts on (1-based) and its raw text, line endings removed."""
-
-    line: int
-    raw: str
-    row: tuple[str, ...]
-    end: int  # the file line it ends on (a quoted caption may span lines)
 
 
 @dataclass(frozen=True)
@@ -59,25 +48,6 @@ class SubmissionCheck:
     @property
     def ok(self) -> bool:
         return not self.errors
-
-
-def records(text: str, separator: str) -> list[Record]:
-    """CSV rows with their lines; raises ``csv.Error`` with ``.line`` set to the line of the row that broke."""
-    lines = io.StringIO(text, newline="").readlines()
-    reader = csv.reader(iter(lines), delimiter=separator)
-    out: list[Record] = []
-    start = 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return out
-        except csv.Error as e:
-            e.line = start  # type: ignore[attr-defined]
-            raise
-        raw = "".join(lines[start - 1 : reader.line_num]).rstrip("\r\n")
-        out.append(Record(start, raw, tuple(row), reader.line_num))
-        start = reader.line_num + 1
 
 
 def check_submission(
@@ -93,7 +63,7 @@ def check_submission(
     if len(set(test_ids)) != len(test_ids):
         raise ValueError(f"test_ids repeat IDs: {sample(repeats(test_ids))}")
     path = Path(path)
-    loaded = _load(path, fmt)
+    loaded = load_submission(path, fmt)
     if isinstance(loaded, Problem):
         return SubmissionCheck([loaded], [])
     name, data, zipped = loaded
@@ -119,25 +89,6 @@ def _cyclic_gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _load(path: Path, fmt: SubmissionFormat) -> tuple[str, bytes, bool] | Problem:
-    """The CSV's display name, its bytes and whether it came from a zip."""
-    if not path.is_file():
-        return Problem(str(path), None, "no such file")
-    if not zipfile.is_zipfile(path):
-        if path.suffix.lower() == ".zip":
-            return Problem(str(path), None, "not a readable zip file")
-        return str(path), path.read_bytes(), False
-    with zipfile.ZipFile(path) as zf:
-        names = [i.filename for i in zf.infolist() if not i.is_dir()]
-        if fmt.zipped and names != [fmt.member]:
-            return Problem(str(path), None, f"the zip must hold exactly one file named {fmt.member}; it holds {names}")
-        csvs = [n for n in names if n.lower().endswith(".csv")]
-        member = fmt.member if fmt.member in names else (csvs[0] if len(csvs) == 1 else None)
-        if member is None:
-            return Problem(str(path), None, f"the zip must hold one CSV file ({fmt.member}); it holds {names}")
-        return f"{path}!{member}", zf.read(member), True
 
 
 @dataclass
@@ -415,13 +366,3 @@ def _quoted_if_comma(raw: str) -> bool:
 def _short(row: tuple[str, ...], n: int = 200) -> str:
     text = repr(list(row))  # shown like the organisers' messages: ['ID', 'Caption']
     return text if len(text) <= n else text[:n] + "...]"
-
-
-def repeats(ids: list[str]) -> list[str]:
-    seen: set[str] = set()
-    return [i for i in ids if i in seen or seen.add(i)]
-
-
-def sample(ids: list[str], n: int = 10) -> str:
-    more = f" (+{len(ids) - n} more)" if len(ids) > n else ""
-    return f"{ids[:n]}{more}"
