@@ -153,8 +153,8 @@ class PoolMBR:
     def __call__(self, items: list[Item]) -> list[Candidate]:
         return [self.fuse_one(image_id, candidates, nl) for image_id, candidates, nl in items]
 
-    def evidence(self, image_id: str, nl: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Columns (distinct index captions) of the top ``evidence_k`` neighbours' captions and their weights."""
+    def evidence(self, image_id: str, nl: Any) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        """The top ``evidence_k`` neighbours, the columns (distinct index captions) of their captions, their weights."""
         hits = [n for n in (nl.neighbours if nl else ()) if n.caption and preprocess(n.caption) in self.col]
         hits = hits[: self.cfg.evidence_k]
         if not hits:
@@ -162,7 +162,7 @@ class PoolMBR:
         cols = np.array([self.col[preprocess(n.caption)] for n in hits])
         s = np.array([n.score for n in hits], dtype=np.float64)
         w = np.ones(len(hits)) if self.cfg.tau is None else np.exp((s - s[0]) / self.cfg.tau)
-        return cols, w / w.sum()
+        return hits, cols, w / w.sum()
 
     def extra_rows(self, texts: list[str]) -> np.ndarray:
         """BS rows of hypotheses outside the pool (a generator's own words) against the index captions."""
@@ -170,10 +170,10 @@ class PoolMBR:
 
     def fuse_one(self, image_id: str, candidates: dict[str, str], nl: Any) -> Candidate:
         cfg, pool = self.cfg, self.pool
-        cols, w = self.evidence(image_id, nl)
-        med = float(np.median(pool.log_len[self.row_len(cols)]))
+        hits, cols, w = self.evidence(image_id, nl)
+        med = float(np.median(pool.log_len[self.rows_of(cols)]))
         if cfg.pool == "neighbours":
-            return self.neighbour_mbr(image_id, cols, w, med, nl)
+            return self.neighbour_mbr(image_id, hits, cols, w, med)
         score = (
             pool.bs[:, cols] @ w - cfg.genericity * pool.genericity - cfg.length_penalty * np.abs(pool.log_len - med)
         )
@@ -201,20 +201,21 @@ class PoolMBR:
                 break
         return Candidate(image_id, pool.raw[best], cfg.name, {"source": source, "score": round(float(score[best]), 6)})
 
-    def row_len(self, cols: np.ndarray) -> np.ndarray:
+    def rows_of(self, cols: np.ndarray) -> np.ndarray:
+        """The pool rows of distinct index captions (every index caption is a hypothesis too)."""
         return np.array([self.row[self.pool.distinct[c]] for c in cols])
 
-    def neighbour_mbr(self, image_id: str, cols: np.ndarray, w: np.ndarray, med: float, nl: Any) -> Candidate:
+    def neighbour_mbr(self, image_id: str, hits: list[Any], cols: np.ndarray, w: np.ndarray, med: float) -> Candidate:
         """Classic MBR over the neighbours' captions: each hypothesis's own evidence slot left out."""
         cfg, pool = self.cfg, self.pool
-        rows = self.row_len(cols)
+        rows = self.rows_of(cols)
         u = pool.bs[rows][:, cols] * w[None, :]
         np.fill_diagonal(u, 0.0)
         denom = np.maximum(w.sum() - w, 1e-12)
         score = u.sum(axis=1) / denom - cfg.genericity * pool.genericity[rows]
         score = score - cfg.length_penalty * np.abs(pool.log_len[rows] - med)
         best = int(np.argmax(score))  # ties: the nearer neighbour
-        hit = [n for n in nl.neighbours if n.caption and preprocess(n.caption) in self.col][best]
+        hit = hits[best]
         return Candidate(image_id, hit.caption, cfg.name, {"source": hit.id, "score": round(float(score[best]), 6)})
 
 
