@@ -341,3 +341,23 @@ def test_a_torn_last_row_longer_than_a_read_block_is_cut_off(tmp_path):
     path.write_bytes(b'{"id": "only a torn row')
     JsonlWriter(path).close()
     assert path.read_bytes() == b""
+
+
+def test_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """torch.save on a full disk fails with "unexpected pos ..."; the loop says what happened and keeps the old checkpoint."""
+    import torch
+
+    from medcap.models import training
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    first = training._save_checkpoint(tmp_path, model, opt, sched, training.LoopState(step=1), "fp")
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 968695552 vs 968695504")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"step-0000002: the checkpoint could not be written \(\d+ MB free"):
+        training._save_checkpoint(tmp_path, model, opt, sched, training.LoopState(step=2), "fp")
+    assert training.checkpoints(tmp_path) == [first] and (first / training.STATE).is_file()

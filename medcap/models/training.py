@@ -213,8 +213,15 @@ def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: Loo
         "state": asdict(state),
     }
     dst = Path(out_dir) / CHECKPOINTS / f"step-{state.step:07d}"
-    with atomic_dir(dst) as tmp:
-        torch.save(blob, tmp / STATE)
+    try:
+        with atomic_dir(dst) as tmp:
+            torch.save(blob, tmp / STATE)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces from torch as "unexpected pos ..."
+        free = shutil.disk_usage(Path(out_dir)).free // 2**20
+        raise OSError(
+            f"{dst}: the checkpoint could not be written ({free} MB free on that disk; the previous checkpoints "
+            f"are kept and a rerun resumes from the newest): {e}"
+        ) from e
     for old in checkpoints(out_dir)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return dst
