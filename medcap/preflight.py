@@ -184,7 +184,7 @@ def check_models(pipe: Pipeline, stages: list[str], report: Report) -> None:
         _engine(report, f"synthesizers.{s.name}.engine", s.engine.kind)
     for f in cfg.fusers:
         _check(report, f"fusers.{f.name}.kind", lambda f=f: fuser_kind(f.kind) and f.kind)
-        if f.kind == "pool-mbr":
+        if getattr(f, "utility_model", None):  # pool-mbr and the ranker score with a BERTScore model
             _check(
                 report, f"fusers.{f.name}.utility_model", lambda f=f: resolve_bertscore_model(f.utility_model, None)[0]
             )
