@@ -81,6 +81,10 @@ def test_the_ranker_trains_on_the_index_split_and_fuses_every_query(ranked):
     assert len(selection["inner_cv"]) == 2 and selection["hidden"] in (0, 4)  # the inner folds chose
     assert (final / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert not (run / "models" / "ranker" / "inner").exists()
+    oof = read_jsonl(run / "models" / "ranker" / "oof.jsonl")  # its training images, each by a model blind to it
+    data = ListData.load(run / "models" / "ranker" / "lists.npz")
+    assert sorted(r["id"] for r in oof) == sorted(data.ids) and {r["fold"] for r in oof} == {0, 1}
+    assert all(r["alternatives"][0] == r["caption"] for r in oof)
     stamp = (final / "model.safetensors").stat().st_mtime_ns
     again = CliRunner().invoke(main, ["run", str(path)], catch_exceptions=False)
     assert again.exit_code == 0, again.output
@@ -111,7 +115,9 @@ def test_ranker_training_resumes_to_the_same_weights(tmp_path):
     rng = np.random.default_rng(0)
     data = ListData([f"i{k}" for k in range(20)], [f"c{k // 2}" for k in range(20)],
                     [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(20)],
-                    [rng.random(5).astype(np.float32) for _ in range(20)], [np.arange(5) for _ in range(20)])  # fmt: skip
+                    [rng.random(5).astype(np.float32) for _ in range(20)], [np.arange(5) for _ in range(20)],
+                    [np.zeros(5, np.float32)] * 20, [np.zeros(5, np.float32)] * 20,
+                    [np.array(list("abcde"))] * 20)  # fmt: skip
     tc = TrainConfig(max_steps=8, batch_size=4, grad_accum=1, lr=0.05, eval_every=100, save_every=2)
     whole = fit(data, 4, 0.05, tc, tmp_path / "whole", "t")
 

@@ -77,6 +77,26 @@ class FuserKind:
         raise NotImplementedError
 
 
+def candidate_captions(
+    pipe: Pipeline, inputs: list[str], split: str, alternatives: int = 0
+) -> dict[str, dict[str, str]]:
+    """``{image: {caption set: caption}}`` of ``inputs`` on ``split`` (made first when their stage may run).
+
+    ``alternatives`` > 0 adds, for a caption set whose rows rank alternatives (the ranker's), its next ones
+    as ``"NAME #2"``, ``"NAME #3"``, ...: a generative fuser then reads the ranker's top hypotheses.
+    """
+    from medcap.files import read_jsonl
+
+    out: dict[str, dict[str, str]] = {}
+    for name in inputs:
+        for row in read_jsonl(pipe.make(*pipe.caption_need(name, split))):
+            caps = out.setdefault(row["id"], {})
+            caps[name] = row["caption"]
+            for k, alt in enumerate((row.get("alternatives") or [])[1 : alternatives + 1], start=2):
+                caps[f"{name} #{k}"] = alt
+    return out
+
+
 def register(kind: str, impl: FuserKind | str, settings: type | str = FuserConfig) -> None:
     """Add a fuser kind: an object, or ``"module:attr"`` naming one, and its settings class (a ``FuserConfig``
     subclass beside its code; the base for a kind with no settings of its own)."""

@@ -16,6 +16,7 @@ case-grouped folds (``ranker_model.select_and_fit``); ``medcap ablate --cv K`` r
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcap.config import ConfigError, TrainConfig
+from medcap.files import write_atomic
 from medcap.fuser import Fuse, Item
 from medcap.fuser.pool_mbr import PoolMBRConfig, PoolMBRKind, pool_scorer, projected_queries, score_hypotheses
 from medcap.keys import key_settings
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DATA = "lists.npz"  # the training lists (features, utilities), kept so a restarted training skips them
+OOF = "oof.jsonl"  # the training split's own choices, each by the inner model that did not learn from it
+ALTERNATIVES = 5  # hypotheses each row lists best first ("alternatives"): a generative fuser may read them
 
 
 def _ranker_train() -> TrainConfig:
@@ -118,14 +122,16 @@ class Ranker:
         self.groups = {ex.id: str(ex.group or ex.id) for ex in pipe.split(split).examples}
 
     def __call__(self, items: list[Item]) -> list[Candidate]:
-        from medcap.fuser.ranker_model import choose
+        from medcap.fuser.ranker_model import orders
 
         lists = ranked_lists(self.pipe, self.cfg, self.split, items, self.scorer, self.projected, self.groups)
-        picks = choose(self.net, [f for _, _, f in lists])
+        picks = orders(self.net, [f for _, _, f in lists])
         out = []
-        for (image_id, _, _), (s, _, _), k in zip(items, lists, picks, strict=True):
+        for (image_id, _, _), (s, _, _), order in zip(items, lists, picks, strict=True):
+            k = int(order[0])
             mbr_rank = int((s.score > s.score[k]).sum())
-            extra = {"source": s.sources[k], "mbr_rank": mbr_rank, "score": round(float(s.score[k]), 6)}
+            extra = {"source": s.sources[k], "mbr_rank": mbr_rank, "score": round(float(s.score[k]), 6),
+                     "alternatives": [s.texts[j] for j in order[:ALTERNATIVES]]}  # fmt: skip
             out.append(Candidate(image_id, s.texts[k], self.cfg.name, extra))
         return out
 
@@ -139,18 +145,14 @@ class RankerKind(PoolMBRKind):
     def train_split(self, pipe: Pipeline, cfg: RankerConfig) -> str:
         return cfg.train_split or pipe.cfg.data.index_split
 
-    def covers(self, cfg: RankerConfig, split: str) -> bool:
-        return split != cfg.train_split
-
     def train_settings(self, cfg: RankerConfig) -> Any:
         return key_settings(cfg)
 
     def train_needs(self, pipe: Pipeline, cfg: RankerConfig) -> list[tuple]:
-        return self.needs(pipe, cfg, self.train_split(pipe, cfg))
+        return super().needs(pipe, cfg, self.train_split(pipe, cfg))
 
     def needs(self, pipe: Pipeline, cfg: RankerConfig, split: str) -> list[tuple]:
-        out = super().needs(pipe, cfg, split)
-        return out + ([("train-fuser", cfg.name)] if split != self.train_split(pipe, cfg) else [])
+        return [*super().needs(pipe, cfg, split), ("train-fuser", cfg.name)]
 
     def train(self, pipe: Pipeline, cfg: RankerConfig, out: Path) -> None:
         from medcap.fuser.leakage import check_fuser_inputs
@@ -168,8 +170,17 @@ class RankerKind(PoolMBRKind):
             data = self.lists(pipe, cfg, split, examples)
             data.save(data_path)
         grid = [(h, t) for h in cfg.hidden for t in cfg.temperature]
-        _, report = select_and_fit(data, grid, cfg.inner_folds, cfg.train, out, pipe.cfg.seed, f"ranker {cfg.name}")
+        _, report, oof = select_and_fit(
+            data, grid, cfg.inner_folds, cfg.train, out, pipe.cfg.seed, f"ranker {cfg.name}"
+        )
         shutil.rmtree(out / "inner", ignore_errors=True)
+        rows = []
+        for k, (fold, order) in sorted(oof.items()):
+            texts = [str(data.texts[k][j]) for j in order[:ALTERNATIVES]]
+            rows.append(
+                {"id": data.ids[k], "caption": texts[0], "generator": cfg.name, "fold": fold, "alternatives": texts}
+            )
+        write_atomic(out / OOF, "".join(json.dumps(r) + "\n" for r in rows))
         log.info("%s: chose hidden %d, temperature %g on %d images", cfg.name, report["hidden"], report["temperature"],
                  report["images"])  # fmt: skip
 
@@ -187,7 +198,7 @@ class RankerKind(PoolMBRKind):
         inputs = pipe.inputs_of(cfg.name)
         captions = {i: pipe.captions(i, split) for i in inputs}
         rouge = pipe.resource(("rouge-bags",), RougeBags)
-        data = ListData([], [], [], [], [])
+        data = ListData([], [], [], [], [], [], [], [])
         for batch in progress(list(batched(examples, 64)), desc=f"ranker {cfg.name} lists", unit="batch"):
             items = [(ex.id, {i: captions[i][ex.id] for i in inputs}, neighbours[ex.id]) for ex in batch]
             for ex, (s, _, feats) in zip(batch, ranked_lists(pipe, cfg, split, items, scorer, projected, groups),
@@ -198,6 +209,9 @@ class RankerKind(PoolMBRKind):
                 data.features.append(feats.astype(np.float32))
                 data.utility.append((cfg.bs_weight * bs + (1 - cfg.bs_weight) * r1).astype(np.float32))
                 data.rows.append(s.rows.astype(np.int64))
+                data.bs.append(bs.astype(np.float32))
+                data.r1.append(r1.astype(np.float32))
+                data.texts.append(np.array(s.texts, dtype=str))
         return data
 
     def build(self, pipe: Pipeline, cfg: RankerConfig, split: str) -> Fuse:
@@ -205,7 +219,30 @@ class RankerKind(PoolMBRKind):
 
         if cfg.image_text and pipe.cfg.retrieval.index.space != "caption":
             raise ConfigError(f"fusers.{cfg.name}.image_text needs retrieval.index.space: caption (or image_text: 0)")
+        if split == self.train_split(pipe, cfg):  # its own training images: the out-of-fold choices
+            return out_of_fold(pipe.run.model(cfg.name), cfg)
         return Ranker(pipe, cfg, split, load_net(pipe.run.model(cfg.name) / FINAL))
+
+
+def out_of_fold(model_dir: Path, cfg: RankerConfig) -> Fuse:
+    """The fuse function of the ranker's own training split: each image's choice by the inner model of the
+    fold it was held out of (cross-fitted), for a fuser that learns from the ranker's output."""
+    from medcap.files import read_jsonl
+
+    path = model_dir / OOF
+    rows = {r["id"]: r for r in read_jsonl(path)} if path.is_file() else {}
+
+    def fuse(items: list[Item]) -> list[Candidate]:
+        missing = [i for i, _, _ in items if i not in rows]
+        if missing:
+            raise ValueError(
+                f"fuser {cfg.name}: no out-of-fold choice for {len(missing)} of its training images (e.g. {missing[0]}): "
+                f"they were not among its max_train_images={cfg.max_train_images}, or inner_folds < 2"
+            )
+        return [Candidate(i, rows[i]["caption"], cfg.name, {k: v for k, v in rows[i].items() if k not in
+                ("id", "caption", "generator")}) for i, _, _ in items]  # fmt: skip
+
+    return fuse
 
 
 def _sample(examples: list, n: int, seed: int) -> list:

@@ -41,8 +41,11 @@ class ListData:
     features: list[np.ndarray]
     utility: list[np.ndarray]
     rows: list[np.ndarray]  # the hypotheses' pool rows (-1: a candidate outside the pool)
+    bs: list[np.ndarray]  # BERTScore and ROUGE-1 against the reference, the utility's parts
+    r1: list[np.ndarray]
+    texts: list[np.ndarray]  # the hypotheses' raw text
 
-    FIELDS = ("ids", "groups", "features", "utility", "rows")
+    FIELDS = ("ids", "groups", "features", "utility", "rows", "bs", "r1", "texts")
 
     def subset(self, keep: list[int]) -> ListData:
         return ListData(*([getattr(self, f)[k] for k in keep] for f in self.FIELDS))
@@ -54,7 +57,8 @@ class ListData:
         lengths = np.array([len(u) for u in self.utility], dtype=np.int64)
         np.savez(buf, ids=np.array(self.ids), groups=np.array(self.groups), lengths=lengths,
                  features=np.concatenate(self.features), utility=np.concatenate(self.utility),
-                 rows=np.concatenate(self.rows))  # fmt: skip
+                 rows=np.concatenate(self.rows), bs=np.concatenate(self.bs), r1=np.concatenate(self.r1),
+                 texts=np.concatenate(self.texts))  # fmt: skip
         from medcap.files import write_atomic
 
         write_atomic(path, buf.getvalue())
@@ -65,7 +69,7 @@ class ListData:
             cuts = np.cumsum(z["lengths"])[:-1]
             split = lambda k: np.split(z[k], cuts)  # noqa: E731
             return cls(list(map(str, z["ids"])), list(map(str, z["groups"])), split("features"), split("utility"),
-                       split("rows"))  # fmt: skip
+                       split("rows"), split("bs"), split("r1"), [t.astype(str) for t in split("texts")])  # fmt: skip
 
 
 def build_net(n_features: int, hidden: int, mean: np.ndarray, std: np.ndarray) -> Any:
@@ -149,12 +153,18 @@ def training_settings(tc: TrainConfig) -> dict[str, Any]:
     return key_settings(tc)
 
 
-def choose(net: Any, features: list[np.ndarray]) -> list[int]:
-    """The index of the hypothesis the network scores highest, per image."""
+def orders(net: Any, features: list[np.ndarray]) -> list[np.ndarray]:
+    """Per image, its hypotheses from the network's best to its worst (ties: the list's order)."""
     import torch
 
     with torch.inference_mode():
-        return [int(torch.argmax(net(torch.from_numpy(f.astype(np.float32)))).item()) for f in features]
+        scores = [net(torch.from_numpy(f.astype(np.float32))).numpy() for f in features]
+    return [np.argsort(-s, kind="stable") for s in scores]
+
+
+def choose(net: Any, features: list[np.ndarray]) -> list[int]:
+    """The index of the hypothesis the network scores highest, per image."""
+    return [int(o[0]) for o in orders(net, features)]
 
 
 def load_net(folder: Path) -> Any:
@@ -170,13 +180,18 @@ def load_net(folder: Path) -> Any:
 
 def select_and_fit(
     data: ListData, grid: list[tuple[int, float]], folds: int, tc: TrainConfig, out_dir: Path, seed: int, name: str
-) -> tuple[Any, dict[str, Any]]:
-    """Nested choice: inner case-grouped folds pick (hidden, temperature); the choice is refitted on all of ``data``."""
+) -> tuple[Any, dict[str, Any], dict[int, tuple[int, np.ndarray]]]:
+    """Nested choice: inner case-grouped folds pick (hidden, temperature); the choice is refitted on all of ``data``.
+
+    Also returns the chosen setting's out-of-fold orders: image position -> (inner fold, its hypotheses
+    best first, by the model that did not learn from it).
+    """
     from medcap.data.folds import group_folds
     from medcap.records import Example
 
     table: list[dict[str, Any]] = []
-    if len(grid) > 1 and folds >= 2:
+    oof: dict[tuple[int, float], dict[int, tuple[int, np.ndarray]]] = {}
+    if folds >= 2:
         items = [(Example(i, None, group=g), None) for i, g in zip(data.ids, data.groups, strict=True)]
         cut = group_folds(items, folds, seed)
         pos = {i: k for k, i in enumerate(data.ids)}
@@ -187,8 +202,9 @@ def select_and_fit(
                 train = data.subset([k for k, i in enumerate(data.ids) if i not in held_set])
                 test = [pos[i] for i in held]
                 net = fit(train, hidden, temperature, tc, out_dir / "inner" / f"h{hidden}-t{temperature}-f{f}", name)
-                picks = choose(net, [data.features[k] for k in test])
-                chosen += [float(data.utility[k][p]) for k, p in zip(test, picks, strict=True)]
+                ranked = orders(net, [data.features[k] for k in test])
+                oof.setdefault((hidden, temperature), {}).update({k: (f, o) for k, o in zip(test, ranked, strict=True)})
+                chosen += [float(data.utility[k][o[0]]) for k, o in zip(test, ranked, strict=True)]
             table.append({"hidden": hidden, "temperature": temperature, "utility": float(np.mean(chosen))})
             log.info(
                 "%s: inner CV hidden %d, temperature %g: utility %.4f", name, hidden, temperature, table[-1]["utility"]
@@ -200,4 +216,4 @@ def select_and_fit(
     net = fit(data, hidden, temperature, replace(tc), out_dir, name)
     report = {"hidden": hidden, "temperature": temperature, "inner_cv": table, "images": len(data.ids)}
     write_json(out_dir / FINAL / "selection.json", report)
-    return net, report
+    return net, report, oof.get((hidden, temperature), {})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.files import batched
-from medcap.fuser import fuser_kind
+from medcap.fuser import candidate_captions, fuser_kind
 from medcap.models.hub import model_identity
 from medcap.pipeline import Stage
 from medcap.runs import Manifest, ResumableJsonl, safe_name, start_folder
@@ -128,13 +128,13 @@ class Fuse(Stage):
         if not kind.covers(cfg, split):
             raise ValueError(f"fuser {name} does not caption {split!r}, the split it trained on")
         inputs = pipe.inputs_of(name)
-        candidates = {i: pipe.captions(i, split) for i in inputs}
+        candidates = candidate_captions(pipe, inputs, split, getattr(cfg, "alternatives", 0))
         neighbours = pipe.neighbour_lists(split) if kind.wants_neighbours(cfg) else {}
         sink = ResumableJsonl(
             out, "fuse", key, inputs=tuple(str(pipe.path(*pipe.caption_need(i, split))) for i in inputs)
         )
         todo = [
-            (ex.id, {i: candidates[i][ex.id] for i in inputs}, neighbours.get(ex.id))
+            (ex.id, candidates[ex.id], neighbours.get(ex.id))
             for ex in pipe.split(split).examples
             if ex.id not in sink.done
         ]
