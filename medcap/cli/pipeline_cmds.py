@@ -60,7 +60,7 @@ def finish(pipe) -> None:
 def run_cmd(config: str, overrides: tuple[str, ...], only, skip, limit: int | None, dry_run: bool) -> None:
     """Run the whole pipeline of CONFIG, cached and resumable.
 
-    Stages: embed, index, retrieve, train, generate, synthesize, train-fuser, fuse, evaluate, submit.
+    Stages: embed, index, retrieve, train, generate, synthesize, pool, train-fuser, fuse, evaluate, submit.
     """
     from medcap.preflight import preflight
 

@@ -185,24 +185,26 @@ class PoolScorer:
         rows = np.asarray(rows, dtype=np.int64)
         return self._match(lambda idx: self.pool.padded(rows[idx]), self.pool.lengths(rows), self._refs(ref_rows))
 
-    def _refs(self, ref_rows: np.ndarray) -> tuple[int, list[tuple[np.ndarray, Any]]]:
-        """Pool rows as prepared reference blocks of similar length (gathered and padded once)."""
-        ref_rows = np.asarray(ref_rows, dtype=np.int64)
-        lengths = self.pool.lengths(ref_rows)
+    def _refs(self, ref_rows: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, Any]]]:
+        """Pool rows as prepared reference blocks of similar length (each distinct row gathered and padded once;
+        neighbours of one case share a caption); with the column of each given row among the distinct ones."""
+        distinct, inverse = np.unique(np.asarray(ref_rows, dtype=np.int64), return_inverse=True)
+        lengths = self.pool.lengths(distinct)
         blocks = []
         for idx in _chunks(lengths, REF_CHUNK):
-            r, rw = self.pool.padded(ref_rows[idx])
+            r, rw = self.pool.padded(distinct[idx])
             blocks.append((idx, prepare_tokens(r, rw, lengths[idx], "ref", self.dtype)))
-        return len(ref_rows), blocks
+        return inverse.reshape(-1), blocks
 
-    def _match(self, hyp: Any, hyp_len: np.ndarray, refs: tuple[int, list]) -> np.ndarray:
+    def _match(self, hyp: Any, hyp_len: np.ndarray, refs: tuple[np.ndarray, list]) -> np.ndarray:
         """Hypotheses x prepared references in blocks of similar length (little padding), as ``BertScorer.block``."""
         import torch
 
-        n_ref, blocks = refs
-        out = np.zeros((len(hyp_len), n_ref))
-        if not len(hyp_len) or not n_ref:
-            return out
+        columns, blocks = refs
+        n_distinct = sum(len(idx) for idx, _ in blocks)
+        out = np.zeros((len(hyp_len), n_distinct))
+        if not len(hyp_len) or not n_distinct:
+            return out[:, columns]
         with torch.inference_mode():
             for hidx in _chunks(hyp_len, HYP_CHUNK):
                 h, hw = hyp(hidx)
@@ -212,7 +214,7 @@ class PoolScorer:
                 )
                 for ridx, r in blocks:
                     out[np.ix_(hidx, ridx)] = match_tokens(prepared, r).double().numpy()
-        return out
+        return out[:, columns]
 
     def _sample_weights(self) -> tuple[np.ndarray, np.ndarray]:
         distinct, inverse = np.unique(self.sample_rows, return_inverse=True)
