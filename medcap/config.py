@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 import yaml
 
-from medcap.configio import ConfigError, apply_overrides, config_hash, deep_update, from_dict, to_dict
+from medcap.configio import ConfigError, KindChoice, apply_overrides, config_hash, deep_update, from_dict, to_dict
+from medcap.registry import Registry
 
 __all__ = ["ConfigError", "RunConfig", "apply_overrides", "config_hash", "dump_config", "from_dict", "load_config"]
 
@@ -159,25 +160,43 @@ class PrefixConfig:
 
 
 @dataclass
-class GeneratorConfig:
-    """One candidate writer. ``kind`` picks the implementation from the generators registry."""
+class GeneratorConfig(KindChoice):
+    """One candidate writer. ``kind`` picks the implementation (``generators.KINDS``) and its settings class
+    (``KINDS`` here: each kind's dataclass sits beside its code); ``nearest`` has no settings of its own."""
+
+    KINDS: ClassVar[Registry] = Registry(
+        "generator kind",
+        {
+            "nearest": "medcap.config:GeneratorConfig",
+            "consensus": "medcap.generators.neighbour:ConsensusConfig",
+            "constant": "medcap.generators.neighbour:ConsensusConfig",
+            "prefix": "medcap.generators.prefix_train:PrefixGeneratorConfig",
+            **dict.fromkeys(("llava", "qwen2_5_vl", "medgemma", "smolvlm"), "medcap.generators.mllm:MLLMConfig"),
+        },
+    )
+    LEGACY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        [
+            "name",
+            "kind",
+            "similarity",
+            "k",
+            "model",
+            "mode",
+            "adapter",
+            "shot_images",
+            "prompt",
+            "max_pixels",
+            "engine",
+            "generation",
+            "lora",
+            "train",
+            "prefix",
+            "folds",
+        ]
+    )
 
     name: str = "nearest"  # the folder under candidates/
-    kind: str = "nearest"  # nearest | consensus | constant | llava | qwen2_5_vl | medgemma | smolvlm | prefix
-    similarity: str = "rouge1"  # consensus, constant: rouge1 | embedding | bertscore
-    k: int | None = None  # consensus: neighbours considered; few-shot: examples shown; constant: captions sampled
-    model: str | None = None  # hub id or local path (default: the family's)
-    mode: str = "zero-shot"  # zero-shot | sft | few-shot
-    adapter: str | None = None  # LoRA adapter folder; sft default: the run's trained adapter for this generator
-    shot_images: bool = False  # few-shot: also show the neighbours' images, where model and engine allow
-    prompt: str | None = None  # the instruction; default: the family's
-    max_pixels: int | None = None  # qwen2_5_vl: cap image pixels (default 512*28*28) or it runs out of memory
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    prefix: PrefixConfig = field(default_factory=PrefixConfig)
-    folds: int = 0  # >= 2: cross-fit on the index split (K models, each writes its held-out fold's candidates)
+    kind: str = "nearest"  # nearest | consensus | constant | prefix | llava | qwen2_5_vl | medgemma | smolvlm
 
 
 @dataclass
@@ -197,29 +216,47 @@ class SynthesizerConfig:
 
 
 @dataclass
-class FuserConfig:
-    """Turns the caption sets of generators (and synthesizers) into one caption per image."""
+class FuserConfig(KindChoice):
+    """Turns the caption sets of generators (and synthesizers) into one caption per image. ``kind`` picks the
+    implementation (``fuser.KINDS``) and its settings class (``KINDS`` here, each beside its kind's code)."""
+
+    KINDS: ClassVar[Registry] = Registry(
+        "fuser kind",
+        {
+            "mbr": "medcap.fuser.mbr:MBRConfig",
+            "rerank": "medcap.config:FuserConfig",
+            "pool-mbr": "medcap.fuser.pool_mbr:PoolMBRConfig",
+            "lm": "medcap.fuser.lm:LMFuserConfig",
+        },
+    )
+    LEGACY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        [
+            "name",
+            "kind",
+            "candidates",
+            "utility",
+            "pool",
+            "sentences",
+            "evidence_k",
+            "tau",
+            "genericity",
+            "length_penalty",
+            "image_text",
+            "utility_model",
+            "model",
+            "use_neighbours",
+            "k",
+            "train_split",
+            "lora",
+            "train",
+            "engine",
+            "generation",
+        ]
+    )
 
     name: str = "mbr"  # the caption set's name: the folder under fused/
-    kind: str = "mbr"  # mbr (consensus by expected utility) | pool-mbr (fuser/pool_mbr.py) | rerank | lm (LM-Fuser)
+    kind: str = "mbr"  # mbr | rerank | pool-mbr | lm
     candidates: list[str] = field(default_factory=list)  # caption sets it reads (generators, synthesizers); empty: all
-    utility: str = "rouge1"  # mbr: rouge1 | bertscore | embedding
-    pool: str = "index"  # pool-mbr: index (every index caption and sentence + candidates) | neighbours (their captions)
-    sentences: bool = True  # pool-mbr: each sentence of an index caption is a hypothesis too
-    evidence_k: int = 200  # pool-mbr: neighbours whose captions are the evidence (at most retrieval.k)
-    tau: float | None = 0.05  # pool-mbr: evidence weights exp((s - s_1) / tau); None: uniform
-    genericity: float = 0.1  # pool-mbr: weight of the penalty on a hypothesis's mean BERTScore to all index captions
-    length_penalty: float = 0.01  # pool-mbr: weight of |ln length - median ln length of the evidence|
-    image_text: float = 0.1  # pool-mbr: weight of cos(image's predicted caption embedding, hypothesis embedding)
-    utility_model: str = "minilm"  # pool-mbr: the BERTScore model of the utility (as eval.bertscore_model)
-    model: str = "smollm2"  # lm: the fuser's base causal LM (smollm2 offline, Qwen/Qwen2.5-0.5B-Instruct, ...)
-    use_neighbours: bool = False  # lm: also show the neighbours' captions
-    k: int = 3  # lm: neighbours shown when use_neighbours
-    train_split: str = "valid"  # lm: split whose candidates it trains on (never one the generators trained on)
-    lora: LoraConfig | None = None  # lm: LoRA, or None for full fine-tuning
-    train: TrainConfig = field(default_factory=TrainConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -348,16 +385,20 @@ def check_config(cfg: RunConfig) -> None:
         unknown = [c for c in o.candidates if c not in names or c == o.name]
         if unknown:
             raise ConfigError(f"{o.name}.candidates: {unknown} name no generator or synthesizer of this config")
-    for o in (*cfg.generators, *cfg.synthesizers, *cfg.fusers):
-        if o.engine.kind not in ("auto", "hf", "vllm", "openai"):
-            raise ConfigError(f"{o.name}.engine.kind: {o.engine.kind!r} is not one of ['auto', 'hf', 'openai', 'vllm']")
-    for g in cfg.generators:
-        for key, value, allowed in (
-            ("mode", g.mode, {"zero-shot", "sft", "few-shot"}),
-            ("prefix.mapper", g.prefix.mapper, {"mlp", "transformer"}),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"generators.{g.name}.{key}: {value!r} is not one of {sorted(allowed)}")
+    for section, entries in (
+        ("generators", cfg.generators),
+        ("synthesizers", cfg.synthesizers),
+        ("fusers", cfg.fusers),
+    ):
+        for o in entries:
+            engine = getattr(o, "engine", None)
+            if engine is not None and engine.kind not in ("auto", "hf", "vllm", "openai"):
+                raise ConfigError(
+                    f"{o.name}.engine.kind: {engine.kind!r} is not one of ['auto', 'hf', 'openai', 'vllm']"
+                )
+            check = getattr(o, "check", None)
+            if check is not None:  # a kind's own rules (choices among its settings)
+                check(f"{section}.{o.name}")
 
 
 def dump_config(cfg: RunConfig) -> str:

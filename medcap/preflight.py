@@ -89,7 +89,7 @@ def preflight(pipe: Pipeline, stages: list[str]) -> Report:
 
 
 def _splits(pipe: Pipeline) -> list[str]:
-    trained_on = [f.train_split for f in pipe.cfg.fusers if f.kind == "lm"]
+    trained_on = [f.train_split for f in pipe.cfg.fusers if getattr(f, "train_split", None)]
     return list(dict.fromkeys([*pipe.splits, *trained_on]))
 
 
@@ -293,9 +293,12 @@ def check_disk(pipe: Pipeline, report: Report) -> None:
     except (InputError, FileNotFoundError, ValueError):
         return
     caption_sets = len(cfg.generators) + len(cfg.synthesizers) + len(cfg.fusers)
-    trained = sum(1 for g in cfg.generators if g.kind == "prefix" or (g.mode == "sft" and not g.adapter))
-    trained = trained * (1 + max(0, max((g.folds for g in cfg.generators), default=0)))
-    trained += sum(1 for f in cfg.fusers if f.kind == "lm")
+    from medcap.fuser import fuser_kind
+    from medcap.generators import needs_training
+
+    trained = sum(1 for g in cfg.generators if needs_training(g))
+    trained = trained * (1 + max(0, max((getattr(g, "folds", 0) for g in cfg.generators), default=0)))
+    trained += sum(1 for f in cfg.fusers if fuser_kind(f.kind).trains(f))
     need = (
         images * (BYTES_PER_EMBEDDING + BYTES_PER_CAPTION_ROW * (2 + caption_sets)) + trained * BYTES_PER_TRAINED_MODEL
     )

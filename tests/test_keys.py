@@ -14,7 +14,8 @@ import typing
 import pytest
 
 from medcap.config import FuserConfig, LoraConfig, RunConfig, load_config
-from medcap.keys import NO_EFFECT
+from medcap.configio import KindChoice, from_dict
+from medcap.keys import NO_EFFECT, no_effect
 from medcap.pipeline import STAGES, Pipeline, get_stage
 
 CONFIG = {
@@ -171,17 +172,22 @@ def base(phantom_dir, tmp_path_factory):
 def keys_with(base, path, owner_path_value):
     cfg, pipe, _ = base
     changed = copy.deepcopy(cfg)
-    owner = changed
+    owner, parent = changed, None
     *head, last = path.split(".")
     i = 0
     while i < len(head):
         attr = getattr(owner, head[i])
         if isinstance(attr, list):
+            parent = attr
             owner = next(o for o in attr if o.name == head[i + 1])
             i += 2
         else:
             owner, i = attr, i + 1
-    setattr(owner, last, owner_path_value)
+    if last == "kind" and isinstance(owner, KindChoice):  # another kind is another settings class
+        shared = {f.name: getattr(owner, f.name) for f in dataclasses.fields(owner.choice_base())}
+        parent[parent.index(owner)] = from_dict(owner.choice_base(), {**shared, "kind": owner_path_value})
+    else:
+        setattr(owner, last, owner_path_value)
     other = Pipeline(changed)
     if not path.startswith("data."):  # the same data: reuse what the base pipeline loaded
         other._splits, other._data_keys = dict(pipe._splits), dict(pipe._data_keys)
@@ -191,7 +197,7 @@ def keys_with(base, path, owner_path_value):
 def no_effect_paths(cfg):
     out = set()
     for path, owner, f in leaves(cfg):
-        if f.name in NO_EFFECT.get(type(owner), ()):
+        if f.name in no_effect(type(owner)):
             out.add(path)
     for owner_type, names in NO_EFFECT.items():  # whole sections (ablation, encoder_training)
         for f in dataclasses.fields(owner_type):
@@ -226,5 +232,5 @@ def test_every_setting_changes_the_key_of_its_stage_or_is_declared_without_effec
 def test_settings_without_effect_change_no_key(base):
     cfg, _, keys = base
     for path, owner, f in leaves(cfg):
-        if f.name in NO_EFFECT.get(type(owner), ()):
+        if f.name in no_effect(type(owner)):
             assert keys_with(base, path, other_value(cfg, path, owner, f)) == keys, path

@@ -6,7 +6,7 @@ from tiny_vlms import cached_tiny_vlm
 from medcap.config import DataConfig, EngineConfig, GenerationConfig, GeneratorConfig
 from medcap.data import load_image, load_split
 from medcap.engines.base import Completion, Request
-from medcap.generators.mllm import MLLMGenerator, make_engine
+from medcap.generators.mllm import MLLMConfig, MLLMGenerator, make_engine
 from medcap.records import Neighbour, NeighbourList
 
 
@@ -86,4 +86,4 @@ def test_make_engine_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="engine kind"):
         make_engine(GeneratorConfig(name="x", kind="llava", engine=EngineConfig(kind="tgi")))
     with pytest.raises(ValueError, match="family"):
-        make_engine(GeneratorConfig(name="x", kind="nearest"))
+        make_engine(MLLMConfig(name="x", kind="nearest"))  # a family-less kind in the MLLM settings

@@ -111,6 +111,7 @@ def echo_kind():
     register("echo", Echo())
     yield
     KINDS.pop("echo")
+    GeneratorConfig.KINDS.pop("echo")
 
 
 def test_a_kind_added_by_registration_runs_in_every_stage(echo_kind, tmp_path, phantom_dir, tiny_clip):

@@ -67,9 +67,11 @@ class FuserKind:
         raise NotImplementedError
 
 
-def register(kind: str, impl: FuserKind | str) -> None:
-    """Add a fuser kind: an object, or ``"module:attr"`` naming one."""
+def register(kind: str, impl: FuserKind | str, settings: type | str = FuserConfig) -> None:
+    """Add a fuser kind: an object, or ``"module:attr"`` naming one, and its settings class (a ``FuserConfig``
+    subclass beside its code; the base for a kind with no settings of its own)."""
     KINDS[kind] = impl
+    FuserConfig.KINDS[kind] = settings
 
 
 def fuser_kind(kind: str) -> FuserKind:

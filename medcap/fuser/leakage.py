@@ -64,7 +64,8 @@ def learned_generators(pipe: Pipeline, name: str) -> list[str]:
 
 def _leaked_ids(pipe: Pipeline, generator: str, split: str, ids: set[str]) -> set[str]:
     cfg = pipe.generator_cfg(generator)
-    whole = Path(cfg.adapter) if cfg.adapter else pipe.run.model(generator)
+    adapter = getattr(cfg, "adapter", None)  # an adapter given by path, else the run's own model
+    whole = Path(adapter) if adapter else pipe.run.model(generator)
     seen: dict[Path, frozenset[str]] = {}
     leaked = set()
     for row in read_jsonl(pipe.path("generate", generator, split)):

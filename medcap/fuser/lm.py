@@ -7,10 +7,11 @@ base model named in ``medcap_fuser.json``) and decodes in batches with left padd
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import FuserConfig
+from medcap.config import EngineConfig, FuserConfig, GenerationConfig, LoraConfig, TrainConfig
 from medcap.engines.base import Engine, Request
 from medcap.fuser import Fuse, FuserKind
 from medcap.fuser.lm_prompt import META, fuser_prompt, read_meta
@@ -29,6 +30,21 @@ __all__ = ["LM", "META", "LMFuser", "LMKind", "fuser_prompt"]
 Item = tuple[str, dict[str, str], NeighbourList | None]  # image ID, {caption set: caption}, neighbours
 
 
+@dataclass
+class LMFuserConfig(FuserConfig):
+    """The LM-Fuser: a small causal LM fine-tuned on (candidates [+ neighbours' captions] -> reference)."""
+
+    kind: str = "lm"
+    model: str = "smollm2"  # the fuser's base causal LM (smollm2 offline, Qwen/Qwen2.5-0.5B-Instruct, ...)
+    use_neighbours: bool = False  # also show the neighbours' captions
+    k: int = 3  # neighbours shown when use_neighbours
+    train_split: str = "valid"  # split whose candidates it trains on (never one the generators trained on)
+    lora: LoraConfig | None = None  # LoRA, or None for full fine-tuning
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
 class LMFuser:
     """Fused captions from a trained LM-Fuser folder (``train_fuser``'s ``final``, or its ``out_dir``).
 
@@ -36,7 +52,7 @@ class LMFuser:
     base model with ``enable_lora``); requests carry the adapter path when the fuser is a LoRA.
     """
 
-    def __init__(self, cfg: FuserConfig, model_dir: Path, *, engine: Engine | None = None) -> None:
+    def __init__(self, cfg: LMFuserConfig, model_dir: Path, *, engine: Engine | None = None) -> None:
         self.cfg = cfg
         model_dir = Path(model_dir)
         # A training folder (``train_fuser``'s out_dir) stands for its ``final`` model.
@@ -74,28 +90,28 @@ class LMFuser:
 class LMKind(FuserKind):
     """The LM-Fuser: trained (train-fuser stage) on its train split's caption sets, never captioning that split."""
 
-    def trains(self, cfg: FuserConfig) -> bool:
+    def trains(self, cfg: LMFuserConfig) -> bool:
         return True
 
-    def covers(self, cfg: FuserConfig, split: str) -> bool:
+    def covers(self, cfg: LMFuserConfig, split: str) -> bool:
         return split != cfg.train_split
 
-    def wants_neighbours(self, cfg: FuserConfig) -> bool:
+    def wants_neighbours(self, cfg: LMFuserConfig) -> bool:
         return cfg.use_neighbours
 
-    def settings(self, pipe: Pipeline, cfg: FuserConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: LMFuserConfig) -> Any:
         from medcap.engines import resolved
 
         return key_settings(cfg), model_identity(cfg.model), resolved(cfg.engine)
 
-    def train_settings(self, cfg: FuserConfig) -> Any:
+    def train_settings(self, cfg: LMFuserConfig) -> Any:
         shaping = (cfg.use_neighbours, cfg.k, cfg.candidates, cfg.train_split)
         return shaping, key_settings(cfg.lora), key_settings(cfg.train), model_identity(cfg.model)
 
-    def needs(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> list[tuple]:
+    def needs(self, pipe: Pipeline, cfg: LMFuserConfig, split: str) -> list[tuple]:
         return [("train-fuser", cfg.name)] + ([("retrieve", split)] if cfg.use_neighbours else [])
 
-    def train(self, pipe: Pipeline, cfg: FuserConfig, out: Path) -> None:
+    def train(self, pipe: Pipeline, cfg: LMFuserConfig, out: Path) -> None:
         from medcap.data.folds import holdout
         from medcap.fuser.leakage import check_fuser_inputs
         from medcap.fuser.lm_train import train_fuser
@@ -115,7 +131,7 @@ class LMKind(FuserKind):
 
         train_fuser(cfg, rows(train_items), rows(valid_items), out)
 
-    def build(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> Fuse:
+    def build(self, pipe: Pipeline, cfg: LMFuserConfig, split: str) -> Fuse:
         return LMFuser(cfg, pipe.run.model(cfg.name))
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from medcap.config import FuserConfig
 from medcap.models.captions import one_line
 from medcap.models.hub import ModelNotFoundError
 from medcap.records import NeighbourList
+
+if TYPE_CHECKING:
+    from medcap.fuser.lm import LMFuserConfig
 
 META = "medcap_fuser.json"  # written beside the fuser's weights: config, steps, best validation loss
 SYSTEM = "You merge candidate captions of a medical image into one concise diagnostic caption."
@@ -29,7 +31,7 @@ def _text(text: str) -> dict[str, str]:
 def fuser_prompt(
     candidates: dict[str, str],
     neighbours: NeighbourList | None,
-    cfg: FuserConfig,
+    cfg: LMFuserConfig,
     *,
     rng: random.Random | None = None,
 ) -> list[dict[str, Any]]:

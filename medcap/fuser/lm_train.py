@@ -24,7 +24,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import FuserConfig
 from medcap.fuser.lm_prompt import META, fuser_prompt
 from medcap.keys import key_settings
 from medcap.models import training
@@ -47,6 +46,8 @@ from medcap.records import NeighbourList
 if TYPE_CHECKING:
     import torch
 
+    from medcap.fuser.lm import LMFuserConfig
+
 __all__ = ["IGNORE", "PATIENCE", "FuserCollator", "PromptDriftError", "train_fuser"]
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ TrainItem = tuple[dict[str, str], NeighbourList | None, str]  # candidates, neig
 class FuserCollator:
     """Items -> right-padded ``input_ids``, ``attention_mask`` and ``labels`` (caption tokens only)."""
 
-    def __init__(self, tokenizer: Any, cfg: FuserConfig, *, max_length: int, eos_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Any, cfg: LMFuserConfig, *, max_length: int, eos_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.max_length = max_length
@@ -114,7 +115,7 @@ def _clean_items(items: Sequence[TrainItem], what: str) -> list[TrainItem]:
     return kept
 
 
-def _fingerprint(cfg: FuserConfig, train: Sequence[TrainItem]) -> str:
+def _fingerprint(cfg: LMFuserConfig, train: Sequence[TrainItem]) -> str:
     """What a checkpoint must match to be resumed: the training settings and the data."""
     h = hashlib.sha256()
     for cands, nl, ref in train:
@@ -123,7 +124,7 @@ def _fingerprint(cfg: FuserConfig, train: Sequence[TrainItem]) -> str:
     return json.dumps({"settings": settings, "data": h.hexdigest()}, sort_keys=True)
 
 
-def _load_model(cfg: FuserConfig):
+def _load_model(cfg: LMFuserConfig):
     from medcap.models.lms import load_causal_lm
 
     precision = cfg.train.precision
@@ -180,7 +181,7 @@ def _loss(model: Any, batch: dict[str, torch.Tensor], precision: str) -> torch.T
 
 
 def train_fuser(
-    cfg: FuserConfig,
+    cfg: LMFuserConfig,
     train: list[TrainItem],
     valid: list[TrainItem],
     out_dir: Path,

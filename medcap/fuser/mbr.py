@@ -7,6 +7,7 @@ fused caption is always a caption some generator wrote.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +23,15 @@ if TYPE_CHECKING:
 Item = tuple[str, dict[str, str]]  # image ID, {caption set: caption}
 
 
-def mbr_fuse(cfg: FuserConfig, items: Sequence[Item]) -> list[Candidate]:
+@dataclass
+class MBRConfig(FuserConfig):
+    """MBR over the candidates: the one with the highest mean utility against the others."""
+
+    kind: str = "mbr"
+    utility: str = "rouge1"  # rouge1 | bertscore | embedding
+
+
+def mbr_fuse(cfg: MBRConfig, items: Sequence[Item]) -> list[Candidate]:
     """Per image, the candidate with the highest expected utility (mean similarity) against the others."""
     similarity = get_similarity(cfg.utility)
     out = []

@@ -48,6 +48,25 @@ MIN_SENTENCE_WORDS = 3
 LARGE_POOL = 50_000_000  # hypothesis x index-caption pairs beyond which the index pool is slow (ROCO-sized)
 
 
+@dataclass
+class PoolMBRConfig(FuserConfig):
+    """Pool MBR's settings: the hypothesis pool, the evidence and its weights, the terms of the score."""
+
+    kind: str = "pool-mbr"
+    pool: str = "index"  # index (every index caption and sentence + candidates) | neighbours (their captions)
+    sentences: bool = True  # each sentence of an index caption is a hypothesis too
+    evidence_k: int = 200  # neighbours whose captions are the evidence (at most retrieval.k)
+    tau: float | None = 0.05  # evidence weights exp((s - s_1) / tau); None: uniform
+    genericity: float = 0.1  # weight of the penalty on a hypothesis's mean BERTScore to the index captions
+    length_penalty: float = 0.01  # weight of |ln length - median ln length of the evidence|
+    image_text: float = 0.1  # weight of cos(image's predicted caption embedding, hypothesis embedding)
+    utility_model: str = "minilm"  # the BERTScore model of the utility (as eval.bertscore_model)
+
+    def check(self, where: str) -> None:
+        if self.pool not in ("index", "neighbours"):
+            raise ConfigError(f"{where}.pool: {self.pool!r} is not one of ['index', 'neighbours']")
+
+
 def ntokens(text: str) -> int:
     """ROUGE's token count of preprocessed text (at least 1)."""
     from rouge_score import tokenize
@@ -104,7 +123,7 @@ def index_hypotheses(captions: list[tuple[str, Any]], sentences: bool) -> tuple[
 
 
 def build_pool(
-    cfg: FuserConfig, captions: list[tuple[str, Any]], scorer: Any, text_model: Any | None, neighbours_only: bool
+    cfg: PoolMBRConfig, captions: list[tuple[str, Any]], scorer: Any, text_model: Any | None, neighbours_only: bool
 ) -> Pool:
     """Score every hypothesis against every distinct index caption (query-independent: once per index)."""
     raw, text, groups = index_hypotheses(captions, cfg.sentences and not neighbours_only)
@@ -138,7 +157,7 @@ class PoolMBR:
 
     def __init__(
         self,
-        cfg: FuserConfig,
+        cfg: PoolMBRConfig,
         pool: Pool,
         scorer: Any,
         text_model: Any,
@@ -222,19 +241,17 @@ class PoolMBR:
 class PoolMBRKind(FuserKind):
     uses_neighbours = True
 
-    def settings(self, pipe: Pipeline, cfg: FuserConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: PoolMBRConfig) -> Any:
         # the pool is the index split's captions
         return key_settings(cfg), pipe.data_key(pipe.cfg.data.index_split)
 
-    def needs(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> list[tuple]:
+    def needs(self, pipe: Pipeline, cfg: PoolMBRConfig, split: str) -> list[tuple]:
         return [("retrieve", split)] + ([("embed", split), ("index",)] if cfg.image_text else [])
 
-    def build(self, pipe: Pipeline, cfg: FuserConfig, split: str) -> Fuse:
+    def build(self, pipe: Pipeline, cfg: PoolMBRConfig, split: str) -> Fuse:
         from medcap.eval.metrics import load_bertscorer
         from medcap.retrieval.stages import load_projection, sentence_model_of
 
-        if cfg.pool not in ("index", "neighbours"):
-            raise ConfigError(f"fusers.{cfg.name}.pool: {cfg.pool!r} is not one of ['index', 'neighbours']")
         if cfg.image_text and pipe.cfg.retrieval.index.space != "caption":
             raise ConfigError(
                 f"fusers.{cfg.name}.image_text needs retrieval.index.space: caption (the image's predicted caption "

@@ -33,9 +33,11 @@ KINDS = Registry(
 )
 
 
-def register(kind: str, impl: GeneratorKind | str) -> None:
-    """Add a generator kind: an object, or ``"module:attr"`` naming one."""
+def register(kind: str, impl: GeneratorKind | str, settings: type | str = GeneratorConfig) -> None:
+    """Add a generator kind: an object, or ``"module:attr"`` naming one, and its settings class (a
+    ``GeneratorConfig`` subclass beside its code; the base for a kind with no settings of its own)."""
     KINDS[kind] = impl
+    GeneratorConfig.KINDS[kind] = settings
 
 
 def generator_kind(kind: str) -> GeneratorKind:

@@ -47,5 +47,6 @@ class GeneratorKind:
         raise NotImplementedError
 
     def chunk(self, cfg: GeneratorConfig) -> int:
-        """Items per batch written to disk (the unit a crash can lose)."""
-        return max(1, cfg.engine.batch_size)
+        """Items per batch written to disk (the unit a crash can lose): the engine's batch, else 256."""
+        engine = getattr(cfg, "engine", None)
+        return max(1, engine.batch_size) if engine is not None else 256

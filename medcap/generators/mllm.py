@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig
+from medcap.config import ConfigError, EngineConfig, GenerationConfig, GeneratorConfig, LoraConfig, TrainConfig
 from medcap.engines.base import Engine, Request
 from medcap.generators.kind import Generator, GeneratorKind, Item
 from medcap.generators.prompts import mllm_request
@@ -29,8 +30,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MODES = ("zero-shot", "sft", "few-shot")
 
-def make_engine(cfg: GeneratorConfig) -> Engine:
+
+@dataclass
+class MLLMConfig(GeneratorConfig):
+    """A multimodal LLM generator (every family: llava, qwen2_5_vl, medgemma, smolvlm)."""
+
+    kind: str = "llava"
+    model: str | None = None  # hub id or local path (default: the family's)
+    mode: str = "zero-shot"  # zero-shot | sft | few-shot
+    k: int | None = None  # few-shot: neighbours' captions shown as examples (None: every retrieved one)
+    adapter: str | None = None  # LoRA adapter folder; sft default: the run's trained adapter for this generator
+    shot_images: bool = False  # few-shot: also show the neighbours' images, where model and engine allow
+    prompt: str | None = None  # the instruction; default: the family's
+    max_pixels: int | None = None  # qwen2_5_vl: cap image pixels (default 512*28*28) or it runs out of memory
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    folds: int = 0  # >= 2: cross-fit on the index split (K adapters, each writes its held-out fold's candidates)
+
+    def check(self, where: str) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"{where}.mode: {self.mode!r} is not one of {sorted(MODES)}")
+
+
+def make_engine(cfg: MLLMConfig) -> Engine:
     """The engine ``cfg.engine`` names, serving the generator's model (default: the family's)."""
     from medcap.engines import make_engine as make
 
@@ -46,7 +72,7 @@ class MLLMGenerator:
 
     def __init__(
         self,
-        cfg: GeneratorConfig,
+        cfg: MLLMConfig,
         engine: Engine,
         adapter: str | None = None,
         *,
@@ -87,27 +113,27 @@ class MLLMGenerator:
 class MLLMKind(GeneratorKind):
     """Multimodal LLMs of every family: prompts from neighbours in few-shot mode, LoRA SFT when asked."""
 
-    def trains(self, cfg: GeneratorConfig) -> bool:
+    def trains(self, cfg: MLLMConfig) -> bool:
         return cfg.mode == "sft" and cfg.adapter is None
 
-    def settings(self, pipe: Pipeline, cfg: GeneratorConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: MLLMConfig) -> Any:
         from medcap.engines import resolved
 
         return key_settings(cfg), model_identity(cfg.model), model_identity(cfg.adapter), resolved(cfg.engine)
 
-    def train_settings(self, cfg: GeneratorConfig) -> Any:
+    def train_settings(self, cfg: MLLMConfig) -> Any:
         shaping = (cfg.kind, cfg.mode, cfg.k, cfg.shot_images, cfg.prompt, cfg.max_pixels)
         return shaping, key_settings(cfg.lora), key_settings(cfg.train), model_identity(cfg.model)
 
-    def train_needs(self, pipe: Pipeline, cfg: GeneratorConfig) -> list[tuple]:
+    def train_needs(self, pipe: Pipeline, cfg: MLLMConfig) -> list[tuple]:
         return [("retrieve", pipe.cfg.data.index_split)] if cfg.mode == "few-shot" else []
 
-    def train(self, pipe: Pipeline, cfg: GeneratorConfig, train: list[Item], valid: list[Item], out: Path) -> None:
+    def train(self, pipe: Pipeline, cfg: MLLMConfig, train: list[Item], valid: list[Item], out: Path) -> None:
         from medcap.generators.train import train_generator
 
         train_generator(cfg, train, valid, out)
 
-    def build(self, pipe: Pipeline, cfg: GeneratorConfig, split: str, model_dir: Path) -> Generator:
+    def build(self, pipe: Pipeline, cfg: MLLMConfig, split: str, model_dir: Path) -> Generator:
         from dataclasses import replace
 
         from medcap.engines.pool import spec_of

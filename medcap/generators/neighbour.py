@@ -9,6 +9,7 @@ others: the floor that shows how much a metric rewards generic text.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,15 @@ from medcap.records import Candidate, NeighbourList
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
+
+
+@dataclass
+class ConsensusConfig(GeneratorConfig):
+    """The settings of ``consensus`` and ``constant`` (``nearest`` has none)."""
+
+    kind: str = "consensus"  # consensus | constant
+    similarity: str = "rouge1"  # rouge1 | embedding | bertscore
+    k: int | None = None  # consensus: neighbours considered (None: all); constant: captions sampled (None: 300)
 
 
 def nearest(cfg: GeneratorConfig, neighbours: list[NeighbourList]) -> list[Candidate]:
@@ -32,7 +42,7 @@ def nearest(cfg: GeneratorConfig, neighbours: list[NeighbourList]) -> list[Candi
     return out
 
 
-def consensus(cfg: GeneratorConfig, neighbours: list[NeighbourList]) -> list[Candidate]:
+def consensus(cfg: ConsensusConfig, neighbours: list[NeighbourList]) -> list[Candidate]:
     """The neighbour caption with the highest mean similarity to the other neighbours' captions."""
     similarity = get_similarity(cfg.similarity)
     out = []

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medcap.config import GeneratorConfig
+from medcap.config import ConfigError, EngineConfig, GenerationConfig, GeneratorConfig, PrefixConfig, TrainConfig
 from medcap.generators.kind import Generator, GeneratorKind, Item
-from medcap.generators.prefix import PrefixCaptioner, PrefixModelConfig
 from medcap.keys import key_settings
 from medcap.models import training
 from medcap.models.distributed import world
@@ -28,6 +28,7 @@ from medcap.models.hub import model_identity
 from medcap.records import Candidate
 
 if TYPE_CHECKING:
+    from medcap.generators.prefix import PrefixCaptioner, PrefixModelConfig
     from medcap.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,22 @@ log = logging.getLogger(__name__)
 MAX_CAPTION_TOKENS = 64  # captions are short; longer sequences only slow CPU training down
 VALID_LOSS_SAMPLES = 512  # validation loss is computed on at most this many validation images
 FINAL = "model"
+
+
+@dataclass
+class PrefixGeneratorConfig(GeneratorConfig):
+    """The prefix captioner's settings: its model, its training, how it decodes."""
+
+    kind: str = "prefix"
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # batch_size, device, dtype of generation
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    folds: int = 0  # >= 2: cross-fit on the index split (K models, each writes its held-out fold's candidates)
+
+    def check(self, where: str) -> None:
+        if self.prefix.mapper not in ("mlp", "transformer"):
+            raise ConfigError(f"{where}.prefix.mapper: {self.prefix.mapper!r} is not one of ['mlp', 'transformer']")
 
 
 def _clean(captions: list[str]) -> list[str]:
@@ -45,7 +62,9 @@ def _clean(captions: list[str]) -> list[str]:
     return [clean_caption(c or "") for c in captions]
 
 
-def _model_config(cfg: GeneratorConfig, dim: int) -> PrefixModelConfig:
+def _model_config(cfg: PrefixGeneratorConfig, dim: int) -> PrefixModelConfig:
+    from medcap.generators.prefix import PrefixModelConfig
+
     return PrefixModelConfig(
         prefix=cfg.prefix,
         embed_dim=dim,
@@ -71,7 +90,7 @@ def _valid_loss(model: PrefixCaptioner, embeds: np.ndarray, captions: list[str],
     return total / max(count, 1)
 
 
-def _quick_rouge1(model: PrefixCaptioner, embeds: np.ndarray, captions: list[str], cfg: GeneratorConfig) -> float:
+def _quick_rouge1(model: PrefixCaptioner, embeds: np.ndarray, captions: list[str], cfg: PrefixGeneratorConfig) -> float:
     import torch
 
     from medcap.eval.metrics import rouge1
@@ -86,7 +105,7 @@ def _quick_rouge1(model: PrefixCaptioner, embeds: np.ndarray, captions: list[str
 
 
 def train_prefix(
-    cfg: GeneratorConfig,
+    cfg: PrefixGeneratorConfig,
     train_ids: list[str],
     train_embeds: np.ndarray,
     train_captions: list[str],
@@ -105,6 +124,8 @@ def train_prefix(
     steps in this call (time-boxed training; ``model/`` is not written yet); calling again resumes.
     """
     import torch
+
+    from medcap.generators.prefix import PrefixCaptioner
 
     out_dir, tc = Path(out_dir), cfg.train
     final = out_dir / FINAL
@@ -164,7 +185,9 @@ def train_prefix(
 class PrefixGenerator:
     """A generator: one caption per image embedding from a trained prefix captioner."""
 
-    def __init__(self, cfg: GeneratorConfig, model_dir: Path):
+    def __init__(self, cfg: PrefixGeneratorConfig, model_dir: Path):
+        from medcap.generators.prefix import PrefixCaptioner
+
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.model = PrefixCaptioner.load(self.model_dir, dtype=cfg.engine.dtype, device=cfg.engine.device)
@@ -191,22 +214,24 @@ class PrefixGenerator:
 class PrefixKind(GeneratorKind):
     """The prefix captioner as a generator kind: it reads the retrieval embeddings, and trains on the index split."""
 
-    def trains(self, cfg: GeneratorConfig) -> bool:
+    def trains(self, cfg: PrefixGeneratorConfig) -> bool:
         return True
 
-    def settings(self, pipe: Pipeline, cfg: GeneratorConfig) -> Any:
+    def settings(self, pipe: Pipeline, cfg: PrefixGeneratorConfig) -> Any:
         return key_settings(cfg), model_identity(cfg.prefix.lm)
 
-    def train_settings(self, cfg: GeneratorConfig) -> Any:
+    def train_settings(self, cfg: PrefixGeneratorConfig) -> Any:
         return key_settings(cfg.prefix), key_settings(cfg.train), model_identity(cfg.prefix.lm)
 
-    def needs(self, pipe: Pipeline, cfg: GeneratorConfig, split: str) -> list[tuple]:
+    def needs(self, pipe: Pipeline, cfg: PrefixGeneratorConfig, split: str) -> list[tuple]:
         return [("embed", split)]
 
-    def train_needs(self, pipe: Pipeline, cfg: GeneratorConfig) -> list[tuple]:
+    def train_needs(self, pipe: Pipeline, cfg: PrefixGeneratorConfig) -> list[tuple]:
         return [("embed", pipe.cfg.data.index_split)]
 
-    def train(self, pipe: Pipeline, cfg: GeneratorConfig, train: list[Item], valid: list[Item], out: Path) -> None:
+    def train(
+        self, pipe: Pipeline, cfg: PrefixGeneratorConfig, train: list[Item], valid: list[Item], out: Path
+    ) -> None:
         from dataclasses import replace
 
         from medcap.retrieval.embed import load_embeddings
@@ -228,7 +253,7 @@ class PrefixKind(GeneratorKind):
             cfg = replace(cfg, prefix=replace(cfg.prefix, lm=str(lm)))
         train_prefix(cfg, *arrays(train), *arrays(valid), out)
 
-    def build(self, pipe: Pipeline, cfg: GeneratorConfig, split: str, model_dir: Path) -> Generator:
+    def build(self, pipe: Pipeline, cfg: PrefixGeneratorConfig, split: str, model_dir: Path) -> Generator:
         from medcap.retrieval.embed import load_embeddings
 
         model = PrefixGenerator(cfg, model_dir / FINAL)

@@ -96,7 +96,7 @@ def mllm_request(
     adapter: str | None = None,
     index_examples: Mapping[str, Example] | None = None,
 ) -> Request:
-    """The engine request of a multimodal generator (``GeneratorConfig``) for one image: messages and images.
+    """The engine request of a multimodal generator (``MLLMConfig``) for one image: messages and images.
 
     Training (``sft_data``) and inference (``MLLMGenerator``) both build their prompts here. Few-shot
     prompts with ``shot_images`` show the neighbours' images, read from ``index_examples``.

@@ -17,7 +17,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig
 from medcap.data.problems import InputError, Problem
 from medcap.generators.prompts import mllm_request, training_messages
 from medcap.models.chat import (
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from medcap.engines.base import Request
+    from medcap.generators.mllm import MLLMConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class SFTCollator:
 
     def __init__(
         self,
-        cfg: GeneratorConfig,
+        cfg: MLLMConfig,
         family: Family,
         processor: Any,
         *,

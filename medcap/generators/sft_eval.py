@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig
 from medcap.generators.sft_data import Pair, SFTCollator
 from medcap.models.training import token_losses
 
 if TYPE_CHECKING:
     import torch
+
+    from medcap.generators.mllm import MLLMConfig
 
 
 def forward_losses(model: Any, batch: dict[str, Any], device: str, bf16: bool, gamma: float) -> torch.Tensor:
@@ -37,7 +38,7 @@ def forward_losses(model: Any, batch: dict[str, Any], device: str, bf16: bool, g
 
 
 def validate(
-    model: Any, collator: SFTCollator, pairs: Sequence[Pair], cfg: GeneratorConfig, device: str, bf16: bool
+    model: Any, collator: SFTCollator, pairs: Sequence[Pair], cfg: MLLMConfig, device: str, bf16: bool
 ) -> tuple[float, float]:
     """(mean token loss over ``pairs``, ROUGE-1 of greedy captions for the first ``eval_samples``)."""
     import torch
@@ -61,7 +62,7 @@ def validate(
 
 
 def greedy_captions(
-    model: Any, collator: SFTCollator, pairs: Sequence[Pair], cfg: GeneratorConfig, device: str, bf16: bool
+    model: Any, collator: SFTCollator, pairs: Sequence[Pair], cfg: MLLMConfig, device: str, bf16: bool
 ) -> dict[str, str]:
     """Cleaned greedy captions from the in-memory model, prompted and decoded as the hf engine does."""
     import torch

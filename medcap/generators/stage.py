@@ -38,13 +38,16 @@ TRAIN_IDS = "train_ids.json"  # beside every trained model: the image IDs it lea
 
 def crossfitted(pipe: Pipeline, cfg: GeneratorConfig, split: str) -> bool:
     """True when ``split``'s candidates come from K fold models (the index split of a ``folds >= 2`` generator)."""
-    return generator_kind(cfg.kind).trains(cfg) and cfg.folds >= 2 and split == pipe.cfg.data.index_split
+    return (
+        generator_kind(cfg.kind).trains(cfg) and cfg.folds >= 2 and split == pipe.cfg.data.index_split
+    )  # trained kinds have folds
 
 
 def index_items(pipe: Pipeline, cfg: GeneratorConfig) -> list[Item]:
     """The index split's items, with their neighbours when the generator's prompt shows them."""
     index_split = pipe.cfg.data.index_split
-    neighbours = pipe.neighbour_lists(index_split) if cfg.mode == "few-shot" else {}
+    shown = ("retrieve", index_split) in generator_kind(cfg.kind).train_needs(pipe, cfg)
+    neighbours = pipe.neighbour_lists(index_split) if shown else {}
     return [(ex, neighbours.get(ex.id)) for ex in pipe.split(index_split).examples]
 
 
@@ -157,7 +160,7 @@ class Generate(Stage):
 
 def _model_of(cfg: GeneratorConfig) -> str:
     """What a generator's engine loads (its model, else its kind), to keep generators of one model together."""
-    return cfg.model or cfg.kind
+    return getattr(cfg, "model", None) or cfg.kind
 
 
 def fold_models(pipe: Pipeline, cfg: GeneratorConfig) -> list[tuple[Path, list[str]]]:

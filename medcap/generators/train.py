@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcap.config import GeneratorConfig, LoraConfig
+from medcap.config import LoraConfig
 from medcap.configio import config_hash, to_dict
 from medcap.files import write_json
 from medcap.generators.sft_data import Pair, SFTCollator, check_pairs
@@ -37,6 +37,8 @@ from medcap.models.families import Family, cap_pixels, get_family, resolve_devic
 from medcap.models.training import label_tokens
 
 if TYPE_CHECKING:
+    from medcap.generators.mllm import MLLMConfig
+
     pass
 
     from medcap.engines.vllm_lora import AdapterVerdict
@@ -92,7 +94,7 @@ def verify_adapter(folder: Path) -> None:
         raise ValueError(f"{folder}: the adapter holds weights vLLM rejects: {bad[:5]}")
 
 
-def check_vllm_serving(adapted: set[str], family: Family, cfg: GeneratorConfig) -> AdapterVerdict | None:
+def check_vllm_serving(adapted: set[str], family: Family, cfg: MLLMConfig) -> AdapterVerdict | None:
     """Say what vLLM would do with an adapter on ``adapted`` modules; refuse one it would serve unlike trained.
 
     Allowed anyway with ``lora.merge: true`` (the merged weights need no LoRA support), and for
@@ -125,7 +127,7 @@ def check_vllm_serving(adapted: set[str], family: Family, cfg: GeneratorConfig) 
 # --------------------------------------------------------------------------- model
 
 
-def _load(cfg: GeneratorConfig, family: Family, device: str, bf16: bool) -> tuple[Any, Any]:
+def _load(cfg: MLLMConfig, family: Family, device: str, bf16: bool) -> tuple[Any, Any]:
     """The base model (frozen) with LoRA attached, and its processor."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -154,7 +156,7 @@ def _load(cfg: GeneratorConfig, family: Family, device: str, bf16: bool) -> tupl
     return model, processor
 
 
-def _load_4bit(cfg: GeneratorConfig, family: Family) -> tuple[Any, Any]:
+def _load_4bit(cfg: MLLMConfig, family: Family) -> tuple[Any, Any]:
     """QLoRA: the base model in 4-bit NF4 through bitsandbytes (CUDA only)."""
     import torch
     import transformers
@@ -190,7 +192,7 @@ def _load_4bit(cfg: GeneratorConfig, family: Family) -> tuple[Any, Any]:
 
 
 def train_generator(
-    cfg: GeneratorConfig,
+    cfg: MLLMConfig,
     train: list[Pair],
     valid: list[Pair],
     out_dir: Path,
