@@ -13,6 +13,7 @@ from ddp_worker import config, train, weights
 from medcap.launch import command, free_port, launcher_for
 from medcap.models import checkpoints, training
 from medcap.models.distributed import World, lone_cpu_launch
+from medcap.models.schedule import log_plan
 
 TESTS = Path(__file__).resolve().parent
 
@@ -87,7 +88,7 @@ def test_the_shard_of_each_process_and_idle_processes(caplog):
     assert [plan.size(m) for m in range(5)] == [3, 3, 3, 1, 3]  # the last of an epoch is short
     recipe = type("R", (), {"name": "r", "n": 10})()
     with caplog.at_level(logging.INFO, logger="medcap.models.training"):
-        training._log_plan(recipe, config(grad_accum=1), plan, 6, World(rank=0, size=2))
+        log_plan(recipe, config(grad_accum=1), plan, 6, World(rank=0, size=2))
     assert "1 of them idle" in caplog.text
 
 
