@@ -39,8 +39,8 @@ LAUNCHERS = ("accelerate", "torchrun")
 
 def launcher_for(tc: TrainConfig | None, launcher: str | None) -> str | None:
     """The launcher a training goes to (None: train in this process)."""
-    if launched() or tc is None:
-        return None  # already one of a launcher's processes
+    if launched() or LOCK_HELD in os.environ or tc is None:
+        return None  # already one of a launcher's processes (even the only one it started)
     if launcher is not None and launcher not in LAUNCHERS:
         raise ValueError(f"launcher {launcher!r}: use one of {LAUNCHERS}")
     return launcher or ("accelerate" if tc.processes > 1 else None)

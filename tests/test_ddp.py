@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from ddp_worker import config, train, weights
 
 from medcap.launch import command, free_port, launcher_for
 from medcap.models import checkpoints, training
 from medcap.models.distributed import World, lone_cpu_launch
 from medcap.models.schedule import log_plan
+from medcap.runs import LOCK_HELD
 
 TESTS = Path(__file__).resolve().parent
 
@@ -92,20 +92,8 @@ def test_the_shard_of_each_process_and_idle_processes(caplog):
     assert "1 of them idle" in caplog.text
 
 
-def test_train_step_sums_tokens_and_gradients_over_processes():
-    """One process: the step is the old one (no collective runs); a world of 1 changes nothing."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    window = [torch.randn(2, 3), torch.randn(1, 3)]
-    loss = training.train_step(window, lambda b: model(b).sum(), len, params, opt, sched, seeds=[1, 2], w=World())
-    assert isinstance(loss, float)
-
-
 def test_who_launches_and_how(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "ACCELERATE_USE_CPU", LOCK_HELD):
         monkeypatch.delenv(name, raising=False)
     tc = config()
     assert launcher_for(tc, None) is None
@@ -119,6 +107,9 @@ def test_who_launches_and_how(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launcher_for(tc, "accelerate") is None  # already launched: train here
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv(LOCK_HELD, "/runs/x")
+    assert launcher_for(tc, "accelerate") is None  # launched by medcap, even as a launch's only process
+    monkeypatch.delenv(LOCK_HELD)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert lone_cpu_launch()  # accelerate launch --num_processes 2 --cpu: one process, said so
