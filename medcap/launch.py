@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 LAUNCHERS = ("accelerate", "torchrun")
 
 
+class LaunchError(RuntimeError):
+    """A training handed to a launcher failed, or left no model with the key expected of it."""
+
+
 def launcher_for(tc: TrainConfig | None, launcher: str | None) -> str | None:
     """The launcher a training goes to (None: train in this process)."""
     if launched() or LOCK_HELD in os.environ or tc is None:
@@ -88,14 +92,15 @@ def hand_off(pipe: Pipeline, stage: str, name: str, tc: Any, launcher: str, out:
     cmd = command(launcher, tc.processes, ["train", group, name, "-c", str(config)], free_port())
     env = dict(os.environ, **{LOCK_HELD: str(pipe.run.root.resolve())})
     log.info("%s %s: handed to %s: %s", stage, name, launcher, shlex.join(cmd))
+    pipe.close()  # the models this process holds (an encoder on the GPU rank 0 trains on) go first
     rc = subprocess.run(cmd, env=env, check=False).returncode
     if rc != 0:
-        raise RuntimeError(
+        raise LaunchError(
             f"{stage} {name}: the launched training failed (exit {rc}); its log is in {pipe.run.root}/logs/run.log, "
             f"and a rerun resumes from its last checkpoint. The command: {shlex.join(cmd)}"
         )
     if not is_fresh(out, key):
-        raise RuntimeError(f"{stage} {name}: the launched training did not leave {out} finished with this run's key")
+        raise LaunchError(f"{stage} {name}: the launched training did not leave {out} finished with this run's key")
 
 
 def make_trained(pipe: Pipeline, stage: str, *target: Any) -> Path:

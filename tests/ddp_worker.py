@@ -1,6 +1,6 @@
 """A tiny training for the data-parallel tests and bench/train_ddp.py: ``train(out)`` in this process, or
 
-    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT [--exit-after STEP] [--stop-after N] [--steps S]
+    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT [--exit-after STEP] [--stop-after N] [--checkpointing]
 
 in several (gloo on CPUs). Examples are sequences of 1-3 "tokens" (so micro-batches count different
 numbers of tokens), the model has dropout (so the per-micro-batch seeds matter), and validation
@@ -29,11 +29,27 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**(base | overrides))
 
 
-def recipe(hidden: int = 16, n: int = N) -> training.Recipe:
+class Net(torch.nn.Module):
+    """Linear, tanh, dropout, linear; ``checkpointing``: the first three recomputed in the backward pass
+    (reentrant activation checkpointing, what QLoRA's gradient checkpointing does)."""
+
+    def __init__(self, hidden: int, checkpointing: bool = False):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(DIM, hidden), torch.nn.Tanh(), torch.nn.Dropout(0.2))
+        self.head = torch.nn.Linear(hidden, CLASSES)
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training:
+            from torch.utils.checkpoint import checkpoint
+
+            return self.head(checkpoint(self.body, x.requires_grad_(), use_reentrant=True))
+        return self.head(self.body(x))
+
+
+def recipe(hidden: int = 16, n: int = N, checkpointing: bool = False) -> training.Recipe:
     training.seed_everything(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(DIM, hidden), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(hidden, CLASSES)
-    )
+    model = Net(hidden, checkpointing)
     g = torch.Generator().manual_seed(1)
     lengths = [1 + i % 3 for i in range(n)]
     xs = [torch.randn(t, DIM, generator=g) for t in lengths]
@@ -67,14 +83,15 @@ def recipe(hidden: int = 16, n: int = N) -> training.Recipe:
     )
 
 
-def train(out: Path, tc: TrainConfig | None = None, *, exit_after: int | None = None, **kw):
+def train(out: Path, tc: TrainConfig | None = None, *, exit_after: int | None = None, checkpointing=False, **kw):
     """Train the tiny recipe into ``out``; ``exit_after``: rank 1 dies (os._exit) after that step."""
 
     def on_step(step: int) -> None:
         if exit_after is not None and step == exit_after and training.world().rank == 1:
             os._exit(3)
 
-    return training.fit(recipe(), tc or config(), out, "final", on_step=on_step, **kw)
+    r = recipe(checkpointing=checkpointing)
+    return training.fit(r, tc or config(), out, "final", on_step=on_step, **kw)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -92,6 +109,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=16)
     parser.add_argument("--n", type=int, default=N)
     parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     tc = config(max_steps=args.steps, batch_size=args.batch_size)
@@ -101,7 +119,9 @@ def main() -> None:
         r.validate = None
         training.fit(r, tc, Path(args.out), "final", stop_after=args.stop_after)
     else:
-        train(Path(args.out), tc, exit_after=args.exit_after, stop_after=args.stop_after)
+        train(
+            Path(args.out), tc, exit_after=args.exit_after, stop_after=args.stop_after, checkpointing=args.checkpointing
+        )
     if training.world().is_main:
         print(f"seconds {time.perf_counter() - start:.3f}", flush=True)
 

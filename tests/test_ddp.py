@@ -70,12 +70,13 @@ def test_a_killed_rank_leaves_a_usable_checkpoint_and_the_rerun_finishes(tmp_pat
     assert_same_weights(whole, final)
 
 
-def test_a_pause_in_one_process_resumes_in_two(tmp_path):
+def test_a_pause_in_one_process_resumes_in_two_with_gradient_checkpointing(tmp_path):
+    """Gradient checkpointing (reentrant, as QLoRA turns it on) recomputes the forward pass, dropout included."""
     whole, _ = train(tmp_path / "whole")
     run = tmp_path / "run"
     _, state = train(run, stop_after=2)
     assert state.step == 2 and not (run / "final").exists()
-    res = torchrun(run)
+    res = torchrun(run, "--checkpointing")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "written by 1 process(es), this run has 2" in res.stderr
     assert_same_weights(whole, run / "final")

@@ -98,3 +98,55 @@ def test_a_launched_process_uses_the_lock_its_launcher_holds(tmp_path, monkeypat
     monkeypatch.setenv(LOCK_HELD, str(tmp_path / "other"))
     with run_lock(tmp_path):  # free: taken as usual
         pass
+
+
+@pytest.mark.slow
+def test_lora_sft_and_the_lm_fuser_train_in_two_processes_like_in_one(tmp_path, phantom_dir, tiny_clip):
+    """A tiny LLaVA's LoRA SFT and a tiny Llama LM-Fuser, handed to accelerate, against one process each."""
+    from safetensors.torch import load_file
+    from tiny_vlms import make_tiny_llama, make_tiny_vlm
+
+    steps = {"max_steps": 4, "batch_size": 2, "grad_accum": 4, "eval_every": 2, "save_every": 2, "eval_samples": 1}
+    gen = {"max_new_tokens": 4}
+    cfg = {
+        "name": "two",
+        "runs_dir": str(tmp_path / "runs"),
+        "data": {"root": str(phantom_dir), "query_splits": ["valid", "test"]},
+        "retrieval": {"encoder": {"name": tiny_clip}, "k": 3},
+        "generators": [
+            {"name": "nearest", "kind": "nearest"},
+            {
+                "name": "sft",
+                "kind": "llava",
+                "model": str(make_tiny_vlm("llava", tmp_path / "llava")),
+                "mode": "sft",
+                "generation": gen,
+                "train": steps | {"processes": 2},
+            },
+        ],  # fmt: skip
+        "fusers": [
+            {
+                "name": "lmf",
+                "kind": "lm",
+                "model": str(make_tiny_llama(tmp_path / "llama")),
+                "train_split": "valid",
+                "generation": gen,
+                "train": steps | {"processes": 2},
+            },
+        ],  # fmt: skip
+        "eval": {"metrics": ["rouge1"], "bootstrap": 0},
+        "submit": {"caption_set": "lmf"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    two = CliRunner().invoke(main, ["train", "fuser", "lmf", "-c", str(path)], catch_exceptions=False)
+    assert two.exit_code == 0, two.output
+    one = ["--set", "name=one", "--set", "generators.sft.train.processes=1", "--set", "fusers.lmf.train.processes=1"]
+    res = CliRunner().invoke(main, ["train", "fuser", "lmf", "-c", str(path), *one], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    runs = tmp_path / "runs"
+    assert "handed to accelerate" in (runs / "two" / "logs" / "run.log").read_text()
+    for model in ("sft/adapter/adapter_model.safetensors", "lmf/final/model.safetensors"):
+        a, b = load_file(str(runs / "two" / "models" / model)), load_file(str(runs / "one" / "models" / model))
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, model
