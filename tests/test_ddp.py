@@ -101,8 +101,8 @@ def test_who_launches_and_how(monkeypatch):
     tc.processes = 2
     assert launcher_for(tc, None) == "accelerate" and launcher_for(tc, "torchrun") == "torchrun"
     cmd = command("accelerate", 2, ["train", "generator", "g", "-c", "c.yaml"], 1234)
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-7:] == ["-m", "medcap", "train", "generator",
-                                                                             "g", "-c", "c.yaml"]  # fmt: skip
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[-7:] == ["-m", "medcap", "train", "generator", "g", "-c", "c.yaml"]
     assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"  # accelerate's --cpu starts one
     assert command("torchrun", 2, ["x"], 1234)[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
     monkeypatch.setenv("WORLD_SIZE", "2")

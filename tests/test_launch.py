@@ -13,6 +13,8 @@ from medcap.cli import main
 from medcap.launch import free_port
 from medcap.runs import LOCK_HELD, RunLockedError, run_lock
 
+STEPS = {"max_steps": 4, "batch_size": 4, "grad_accum": 2, "eval_every": 2, "save_every": 2, "eval_samples": 2}
+
 
 def prefix_config(tmp_path, phantom_dir, tiny_clip, **train) -> str:
     cfg = {
@@ -25,15 +27,7 @@ def prefix_config(tmp_path, phantom_dir, tiny_clip, **train) -> str:
                 "name": "prefix",
                 "kind": "prefix",
                 "prefix": {"lm": "scratch", "train_lm": True, "prefix_length": 2},
-                "train": {
-                    "max_steps": 4,
-                    "batch_size": 4,
-                    "grad_accum": 2,
-                    "eval_every": 2,
-                    "save_every": 2,
-                    "eval_samples": 2,
-                }
-                | train,  # fmt: skip
+                "train": STEPS | train,
                 "generation": {"max_new_tokens": 6},
                 "engine": {"device": "cpu"},
             }
