@@ -5,10 +5,8 @@ Each variant is the run config plus ``--set``-style overrides, run in its own fo
 the same key in the main run and the variants before it, and links it instead of recomputing:
 the embeddings and the index of a ``retrieval.k`` sweep are made once.
 
-``--cv K`` (:func:`run_cv`) is the honest way to choose: the captioned splits (e.g. train + valid)
-are cut into K folds by case; each fold is captioned by every variant with the other K-1 folds as
-the index and the training data, under ``runs/NAME/cv{K}/fold-F/VARIANT``; the per-image scores of
-all folds make one table whose intervals and tests resample cases, beside each fold's mean.
+``--cv K`` (``medcap/cv.py``) is the honest way to choose: case-grouped K-fold cross-validation,
+nested when asked (inner folds choose, outer folds report).
 """
 
 from __future__ import annotations
@@ -76,7 +74,7 @@ def variant_config(cfg: RunConfig, variant: VariantConfig, split: str) -> RunCon
     return vcfg
 
 
-def _run_variant(pipe, variant: VariantConfig, split: str, metrics: list[str]):
+def run_variant(pipe, variant: VariantConfig, split: str, metrics: list[str]):
     """Run what ``variant``'s caption set needs on ``split``; its per-image scores (a DataFrame) and captions."""
     import pandas as pd
 
@@ -95,7 +93,7 @@ def _run_variant(pipe, variant: VariantConfig, split: str, metrics: list[str]):
     return per_image[first + [c for c in per_image if c not in first]], pipe.captions(output, split)
 
 
-def _variants(cfg: RunConfig, variants: list[VariantConfig] | None, reference: str | None):
+def variants_of(cfg: RunConfig, variants: list[VariantConfig] | None, reference: str | None):
     variants = variants or cfg.ablation.variants or default_variants(cfg)
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -114,16 +112,16 @@ def cv_splits(cfg: RunConfig) -> list[str]:
     return [s for s in names if all((ex.caption or "").strip() for ex in load_split(cfg.data, s).examples)]
 
 
-_SHOWN_AS_MEDIAN = ("own_rank",)  # its median is an extra column; its mean says little
+SHOWN_AS_MEDIAN = ("own_rank",)  # its median is an extra column; its mean says little
 
 
-def _primary(scored: list) -> list[str]:
+def primary_metrics(scored: list) -> list[str]:
     """The metrics whose Δ and tests the table shows: BERTScore and ROUGE-1 (the 2024 pair), else the first."""
     metrics = list(scored[0].per_image.columns)
     return [m for m in ("bertscore", "rouge1") if m in metrics] or metrics[:1]
 
 
-def _extra_columns(scored: list, captions: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+def extra_columns(scored: list, captions: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     """Beside the means: distinct captions (BERTScore rewards one generic caption) and the median own rank."""
     from medcap.eval.imageclef import preprocess
 
@@ -131,83 +129,6 @@ def _extra_columns(scored: list, captions: dict[str, dict[str, str]]) -> dict[st
     if all("own_rank" in v.per_image for v in scored):
         extra["median rank"] = {v.name: f"{v.per_image['own_rank'].median():g}" for v in scored}
     return extra
-
-
-def run_cv(
-    cfg: RunConfig, k: int, variants: list[VariantConfig] | None = None, reference: str | None = None
-) -> AblationResult:
-    """Case-grouped K-fold CV of the variants over the captioned splits: cv{K}.md and cv{K}.png in the run folder."""
-    import pandas as pd
-
-    from medcap.data.folds import group_folds
-    from medcap.eval.ablation import VariantScores, ablation_table, plot_ablation, write_ablation_md
-    from medcap.pipeline import Pipeline
-
-    if k < 2:
-        raise ConfigError(f"--cv: at least 2 folds, got {k}")
-    variants, reference = _variants(cfg, variants, reference)
-    sources = cv_splits(cfg)
-    if not sources:
-        raise ConfigError("--cv: no captioned split to cross-validate on")
-    probe = Pipeline(cfg)
-    examples = [ex for s in sources for ex in probe.split(s).examples]
-    folds = group_folds([(ex, None) for ex in examples], k, cfg.seed)
-    groups = pd.Series({ex.id: ex.group or ex.id for ex in examples})
-    root = Path(cfg.run_dir) / f"cv{k}"
-    peers = [Path(cfg.run_dir)]
-    executions: Counter = Counter()
-    frames: dict[str, list] = {v.name: [] for v in variants}
-    captions: dict[str, dict[str, str]] = {v.name: {} for v in variants}
-    fold_means: dict[str, list] = {v.name: [] for v in variants}
-    for f, held in enumerate(folds):
-        query, index = f"cv{k}-{f}", f"cv{k}-{f}-index"
-        rest = [ex.id for ex in examples if ex.id not in set(held)]
-        for variant in variants:
-            vcfg = variant_config(cfg, variant, query)
-            vcfg.runs_dir, vcfg.name = str(root / f"fold-{f}"), safe_name(variant.name)
-            vcfg.data.index_split = index
-            pipe = Pipeline(vcfg, peers=list(peers))
-            pipe.derive(index, sources, rest)
-            pipe.derive(query, sources, held)
-            per_image, written = _run_variant(pipe, variant, query, cfg.eval.metrics or [])
-            captions[variant.name].update(written)
-            executions.update(s.stage for s in pipe.history if s.ran)
-            frames[variant.name].append(per_image)
-            fold_means[variant.name].append(per_image.mean())
-            peers.append(pipe.run.root)
-            pipe.close()
-            log.info("cv fold %d/%d: %s done", f + 1, k, variant.name)
-
-    scored = [VariantScores(v.name, pd.concat(frames[v.name])) for v in variants]
-    table = ablation_table(scored, reference, n_boot=cfg.ablation.n_boot, seed=cfg.seed, groups=groups)
-    metrics = list(scored[0].per_image.columns)
-    extra = _extra_columns(scored, captions)
-    lines = [f"| variant | {' | '.join(metrics)} |", "|---|" + "---|" * len(metrics)]
-    for v in variants:
-        means = pd.DataFrame(fold_means[v.name])
-        cells = [f"{means[m].min():.4f} – {means[m].max():.4f} (sd {means[m].std():.4f})" for m in metrics]
-        lines.append(f"| {v.name} | {' | '.join(cells)} |")
-    ran = ", ".join(f"{stage} x{n}" for stage, n in sorted(executions.items())) or "nothing (all cached)"
-    notes = [
-        f"case-grouped {k}-fold cross-validation over {'+'.join(sources)}: {len(examples)} images, "
-        f"{groups.nunique()} cases, folds of {', '.join(str(len(h)) for h in folds)} images (seed {cfg.seed}); "
-        "each fold captioned with the other folds as index and training data",
-        f"intervals and tests resample whole cases; reference: {reference}",
-        f"stages executed: {ran}",
-        "range of the fold means:\n\n" + "\n".join(lines) + "\n",
-    ]
-    notes += [
-        f"`{v.name}`: {'; '.join(v.set) or 'the run config'} -> {v.caption_set or 'submit.caption_set'}"
-        for v in variants
-    ]
-    out = Path(cfg.run_dir)
-    primary = _primary(scored)
-    md = write_ablation_md(
-        table, out / f"cv{k}.md", title=f"{k}-fold CV of {cfg.name}", reference=reference,
-        notes=notes, primary=primary, extra=extra, skip=_SHOWN_AS_MEDIAN,
-    )  # fmt: skip
-    png = plot_ablation(table, out / f"cv{k}.png")
-    return AblationResult(md, png, table, executions)
 
 
 def run_ablation(
@@ -219,7 +140,7 @@ def run_ablation(
     from medcap.eval.ablation import VariantScores, ablation_table, plot_ablation, write_ablation_md
     from medcap.pipeline import Pipeline
 
-    variants, reference = _variants(cfg, variants, reference)
+    variants, reference = variants_of(cfg, variants, reference)
     split = split or cfg.ablation.split or cfg.data.query_splits[0]
 
     peers = [Path(cfg.run_dir)]
@@ -228,7 +149,7 @@ def run_ablation(
     for variant in variants:
         vcfg = variant_config(cfg, variant, split)
         pipe = Pipeline(vcfg, peers=list(peers))
-        per_image, captions[variant.name] = _run_variant(pipe, variant, split, cfg.eval.metrics or [])
+        per_image, captions[variant.name] = run_variant(pipe, variant, split, cfg.eval.metrics or [])
         executions.update(s.stage for s in pipe.history if s.ran)
         scored.append(VariantScores(variant.name, per_image))
         peers.append(pipe.run.root)
@@ -250,7 +171,7 @@ def run_ablation(
     ]
     md = write_ablation_md(
         table, root / "ablation.md", title=f"Ablation of {cfg.name}", reference=reference, notes=notes,
-        extra=_extra_columns(scored, captions), primary=_primary(scored), skip=_SHOWN_AS_MEDIAN,
+        extra=extra_columns(scored, captions), primary=primary_metrics(scored), skip=SHOWN_AS_MEDIAN,
     )  # fmt: skip
     png = plot_ablation(table, root / "ablation.png")
     return AblationResult(md, png, table, executions)

@@ -227,6 +227,7 @@ class FuserConfig(KindChoice):
             "rerank": "medcap.config:FuserConfig",
             "pool-mbr": "medcap.fuser.pool_mbr:PoolMBRConfig",
             "lm": "medcap.fuser.lm:LMFuserConfig",
+            "ranker": "medcap.fuser.ranker:RankerConfig",
         },
     )
     LEGACY_FIELDS: ClassVar[frozenset[str]] = frozenset(
@@ -255,7 +256,7 @@ class FuserConfig(KindChoice):
     )
 
     name: str = "mbr"  # the caption set's name: the folder under fused/
-    kind: str = "mbr"  # mbr | rerank | pool-mbr | lm
+    kind: str = "mbr"  # mbr | rerank | pool-mbr | lm | ranker
     candidates: list[str] = field(default_factory=list)  # caption sets it reads (generators, synthesizers); empty: all
 
 

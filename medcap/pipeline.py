@@ -41,6 +41,7 @@ STAGES = Registry(
         "train": "medcap.generators.stage:Train",
         "generate": "medcap.generators.stage:Generate",
         "synthesize": "medcap.synthesizer.stage:Synthesize",
+        "pool": "medcap.fuser.stage:Pool",
         "train-fuser": "medcap.fuser.stage:TrainFuser",
         "fuse": "medcap.fuser.stage:Fuse",
         "evaluate": "medcap.eval.stage:Evaluate",

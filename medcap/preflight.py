@@ -89,7 +89,9 @@ def preflight(pipe: Pipeline, stages: list[str]) -> Report:
 
 
 def _splits(pipe: Pipeline) -> list[str]:
-    trained_on = [f.train_split for f in pipe.cfg.fusers if getattr(f, "train_split", None)]
+    from medcap.fuser import fuser_kind
+
+    trained_on = [fuser_kind(f.kind).train_split(pipe, f) for f in pipe.cfg.fusers if fuser_kind(f.kind).trains(f)]
     return list(dict.fromkeys([*pipe.splits, *trained_on]))
 
 
@@ -184,7 +186,7 @@ def check_models(pipe: Pipeline, stages: list[str], report: Report) -> None:
         _engine(report, f"synthesizers.{s.name}.engine", s.engine.kind)
     for f in cfg.fusers:
         _check(report, f"fusers.{f.name}.kind", lambda f=f: fuser_kind(f.kind) and f.kind)
-        if f.kind == "pool-mbr":
+        if getattr(f, "utility_model", None):  # pool-mbr and the ranker score with a BERTScore model
             _check(
                 report, f"fusers.{f.name}.utility_model", lambda f=f: resolve_bertscore_model(f.utility_model, None)[0]
             )
@@ -262,12 +264,15 @@ def check_submission_ids(pipe: Pipeline, report: Report) -> None:
 
 def check_leakage(pipe: Pipeline, stages: list[str], report: Report) -> None:
     """The leakage guard's verdict, known from the config before anything is trained."""
+    from medcap.fuser import fuser_kind
     from medcap.fuser.leakage import learned_generators
 
     index_split = pipe.cfg.data.index_split
     for f in pipe.cfg.fusers:
-        if f.kind != "lm" or not {"train-fuser", "fuse"} & set(stages):
+        kind = fuser_kind(f.kind)
+        if not kind.trains(f) or not {"train-fuser", "fuse"} & set(stages):
             continue
+        train_split = kind.train_split(pipe, f)
         for name in learned_generators(pipe, f.name):
             g = pipe.generator_cfg(name)
             if g.adapter:
@@ -275,7 +280,7 @@ def check_leakage(pipe: Pipeline, stages: list[str], report: Report) -> None:
                 ok = any(p.is_file() for p in ids)
                 detail = "lists its training IDs" if ok else f"{g.adapter} lists no training IDs (train_ids.json)"
                 report.add(f"leakage fusers.{f.name} <- {name}", ok, detail)
-            elif f.train_split == index_split and g.folds < 2:
+            elif train_split == index_split and g.folds < 2:
                 report.add(
                     f"leakage fusers.{f.name} <- {name}",
                     False,

@@ -91,3 +91,31 @@ def test_cv_folds_split_by_case_and_reuse_the_cache(config, tmp_path):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "stages executed: nothing (all cached)" in (run / "cv2.md").read_text()
     assert CliRunner().invoke(main, [*args, "--split", "valid"]).exit_code != 0  # --cv scores every split
+
+
+def test_nested_cv_reports_the_inner_choice_on_each_outer_fold(config, tmp_path):
+    import re
+
+    from medcap.files import read_jsonl
+
+    args = ["ablate", str(config), "--cv", "2", "--nested", "2", "--variant", "nearest@nearest",
+            "--variant", "consensus@consensus"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "abl"
+    text = (run / "cv2.md").read_text()
+    assert "| nested choice |" in text or "nested choice" in text.split("range of the fold means")[0]
+    chosen = re.findall(r"outer fold (\d): the inner 2-fold CV chose `(\w+)`", text)
+    assert [f for f, _ in chosen] == ["0", "1"] and all(v in ("nearest", "consensus") for _, v in chosen)
+    assert "the protocol's pick on all the data" in text
+    for f in range(2):  # the inner folds hold only the outer fold's training images
+        fold = run / "cv2" / f"fold-{f}"
+        inner = set()
+        for g in range(2):
+            inner |= {
+                r["id"]
+                for r in read_jsonl(fold / "inner2" / f"fold-{g}" / "nearest" / "neighbours" / f"cv2-{f}-in2-{g}.jsonl")
+            }
+        outer = {r["id"] for r in read_jsonl(fold / "nearest" / "neighbours" / f"cv2-{f}.jsonl")}
+        assert inner and not inner & outer
+    assert CliRunner().invoke(main, ["ablate", str(config), "--nested", "2"]).exit_code != 0  # needs --cv

@@ -33,6 +33,8 @@ CONFIG = {
         {"name": "mbr", "kind": "mbr"},
         {"name": "rerank", "kind": "rerank", "candidates": ["nearest", "consensus"]},
         {"name": "lmf", "kind": "lm", "train_split": "train", "use_neighbours": True, "lora": {}},
+        {"name": "pool", "kind": "pool-mbr", "candidates": ["nearest"], "image_text": 0.0},
+        {"name": "ranker", "kind": "ranker", "candidates": ["nearest"], "image_text": 0.0},
     ],
     "submit": {"caption_set": "lmf"},
 }
@@ -62,6 +64,7 @@ EXPECT = [
     (r"^generators\.", {"generate"}),
     (r"^synthesizers\.", {"synthesize"}),
     (r"^fusers\.lmf\.(train|lora|model|train_split)\b", {"train-fuser"}),
+    (r"^fusers\.ranker\.", {"train-fuser"}),  # every ranker setting shapes its training lists or its model
     (r"^fusers\.", {"fuse"}),
     (r"^eval\.", {"evaluate"}),
     (r"^submit\.", {"submit"}),
@@ -69,7 +72,9 @@ EXPECT = [
 
 ALTERNATIVES = {  # valid other values for settings with a fixed set of choices
     "kind": {"nearest": "consensus", "consensus": "nearest", "prefix": "nearest", "llava": "smolvlm",
-             "qwen2_5_vl": "medgemma", "mbr": "rerank", "rerank": "mbr", "lm": "mbr", "flat": "hnsw"},
+             "qwen2_5_vl": "medgemma", "mbr": "rerank", "rerank": "mbr", "lm": "mbr", "flat": "hnsw",
+             "pool-mbr": "mbr", "ranker": "pool-mbr"},
+    "pool": {"index": "neighbours"},
     "mode": {"zero-shot": "few-shot", "sft": "zero-shot", "few-shot": "zero-shot"},
     "similarity": {"rouge1": "embedding"},
     "utility": {"rouge1": "bertscore"},
@@ -108,6 +113,8 @@ def other_value(cfg: RunConfig, path: str, owner, f: dataclasses.Field):
         return resolve_device("auto")
     if f.name == "candidates":
         return ["consensus"]
+    if f.name == "train_split" and value is None:  # the ranker's default (the index split): another split
+        return "valid"
     if f.name == "caption_set":
         return "mbr"
     if f.name == "target_modules":

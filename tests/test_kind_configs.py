@@ -32,6 +32,7 @@ FUSERS = {
     "rerank": None,
     "pool-mbr": ("tau", 0.1),
     "lm": ("train_split", "train"),
+    "ranker": ("top", 8),
 }
 
 

@@ -1,11 +1,14 @@
-"""Pool MBR: hypotheses, evidence weights, penalties and the own-case rule, against scores computed by hand."""
+"""Pool MBR: the pool artifact, evidence weights, penalties, the own-case rule and the shortlist, against scores
+computed by hand with bert-score's own matching (``BertScorer.block``)."""
 
 import numpy as np
 import pytest
 
 from medcap.config import FuserConfig
 from medcap.eval.imageclef import preprocess
-from medcap.fuser.pool_mbr import PoolMBR, build_pool, index_hypotheses, ntokens, sentence_hypotheses
+from medcap.fuser.pool import HypothesisPool, build_pool, index_hypotheses, ntokens, sentence_hypotheses
+from medcap.fuser.pool_mbr import PoolMBR
+from medcap.fuser.pool_score import PoolScorer
 from medcap.records import Neighbour, NeighbourList
 
 CAPTIONS = [
@@ -15,6 +18,7 @@ CAPTIONS = [
     ("Brain MRI: ring enhancing lesion in the left frontal lobe. Mild edema. No shift.", "c4"),
     ("Chest radiograph with a right lower lobe consolidation.", "c5"),
 ]
+TOL = 1e-4  # float16 token storage against bert-score's float32 (measured: < 2e-5)
 
 
 @pytest.fixture(scope="module")
@@ -24,78 +28,148 @@ def scorer():
     return load_bertscorer("minilm", batch_size=16, device="cpu")
 
 
-def test_sentences_and_hypotheses():
-    assert sentence_hypotheses("One. Two") == ["One.", "Two"]
-    assert sentence_hypotheses("A b c. D e f! G h i?") == ["A b c.", "D e f!", "G h i?", "A b c. D e f!"]
-    assert sentence_hypotheses("Only one sentence.") == []
-    raw, text, groups = index_hypotheses(CAPTIONS + [("axial ct of the liver with a hypodense mass", "c9")], True)
-    assert text[:5] == [preprocess(c) for c, _ in CAPTIONS]  # whole captions first, deduplicated on preprocessed text
-    assert groups[1] == {"c2", "c9"}
-    assert "there is no ascites" in text and "mild edema" not in text  # fewer than 3 words: not a hypothesis
-    assert ntokens("") == 1 and ntokens("a b c") == 3
+@pytest.fixture(scope="module")
+def text_model():
+    from medcap.models.textenc import sentence_model
+
+    return sentence_model()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, scorer, text_model):
+    out = tmp_path_factory.mktemp("pool") / "minilm"
+    build_pool(out, "k", [(f"i{j}", c, g) for j, (c, g) in enumerate(CAPTIONS)], scorer, text_model)
+    return HypothesisPool.load(out)
+
+
+def fuser(hypotheses, scorer, text_model, groups, **settings):
+    import torch
+
+    cfg = FuserConfig(name="p", kind="pool-mbr", image_text=0, **settings)
+    ps = PoolScorer(hypotheses, scorer, text_model, sentences=cfg.sentences, genericity_sample=cfg.genericity_sample,
+                    dtype=torch.float32)  # fmt: skip
+    return PoolMBR(cfg, ps, {}, groups)
 
 
 def _neighbours(qid, order, scores):
     return NeighbourList(qid, tuple(Neighbour(f"i{j}", s, CAPTIONS[j][0]) for j, s in zip(order, scores, strict=True)))
 
 
-def test_neighbour_mbr_is_classic_mbr(scorer):
-    cfg = FuserConfig(name="b", kind="pool-mbr", pool="neighbours", tau=None, genericity=0, length_penalty=0,
-                      image_text=0, evidence_k=4)  # fmt: skip
-    pool = build_pool(cfg, CAPTIONS, scorer, None, neighbours_only=True)
-    fuse = PoolMBR(cfg, pool, scorer, None, {}, {"q": "cq"})
-    nl = _neighbours("q", [0, 1, 2, 3], [0.9, 0.8, 0.7, 0.6])
-    out = fuse([("q", {}, nl)])[0]
+def test_sentences_and_hypotheses():
+    assert sentence_hypotheses("One. Two") == ["One.", "Two"]
+    assert sentence_hypotheses("A b c. D e f! G h i?") == ["A b c.", "D e f!", "G h i?", "A b c. D e f!"]
+    assert sentence_hypotheses("Only one sentence.") == []
+    raw, text, groups, n = index_hypotheses(CAPTIONS + [("axial ct of the liver with a hypodense mass", "c9")])
+    assert text[:5] == [preprocess(c) for c, _ in CAPTIONS] and n == 5  # captions first, deduplicated
+    assert groups[1] == {"c2", "c9"}
+    assert "there is no ascites" in text and "mild edema" not in text  # fewer than 3 words: not a hypothesis
+    assert ntokens("") == 1 and ntokens("a b c") == 3
+
+
+def test_the_pool_holds_bertscores_tokens_and_is_built_resumably(tmp_path, pool, scorer, text_model, monkeypatch):
+    texts = pool.text
+    emb, w = pool.padded([0, 5])
+    ref = scorer.token_embeddings([texts[0], texts[5]])
+    assert np.abs(emb[0, : len(ref[0][1])] - ref[0][0]).max() < 1e-3 and (w[0, : len(ref[0][1])] == ref[0][1]).all()
+    assert w[0, 0] == 0 and w[0, len(ref[0][1]) - 1] == 0  # [CLS] and [SEP] weigh nothing
+    assert pool.image_row == {f"i{j}": j for j in range(5)}
+
+    import medcap.fuser.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "SHARD", 4)
+    calls = []
+    real = scorer.token_embeddings
+
+    def dies_after_one_shard(sentences):
+        calls.append(len(sentences))
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(sentences)
+
+    monkeypatch.setattr(scorer, "token_embeddings", dies_after_one_shard)
+    out = tmp_path / "pool"
+    rows = [(f"i{j}", c, g) for j, (c, g) in enumerate(CAPTIONS)]
+    with pytest.raises(RuntimeError, match="killed"):
+        build_pool(out, "k", rows, scorer, text_model)
+    build_pool(out, "k", rows, scorer, text_model)  # resumes: the first shard is not embedded again
+    assert len(texts) == 9 and calls == [4, 4, 4, 1]
+    again = HypothesisPool.load(out)
+    assert again.text == texts and np.allclose(
+        np.asarray(again.tokens), np.asarray(pool.tokens), atol=2e-3
+    )  # other batches
+
+
+def test_neighbour_mbr_is_classic_mbr(pool, scorer, text_model):
+    fuse = fuser(pool, scorer, text_model, {"q": "cq"}, pool="neighbours", tau=None, genericity=0, length_penalty=0,
+                 evidence_k=4)  # fmt: skip
+    out = fuse([("q", {}, _neighbours("q", [0, 1, 2, 3], [0.9, 0.8, 0.7, 0.6]))])[0]
     texts = [preprocess(CAPTIONS[j][0]) for j in range(4)]
     bs = scorer.block(texts, texts)
     expected = [(bs[i].sum() - bs[i, i]) / 3 for i in range(4)]  # mean BERTScore to the other three
     assert out.caption == CAPTIONS[int(np.argmax(expected))][0]
-    assert out.extra["score"] == pytest.approx(max(expected), abs=1e-6)
+    assert out.extra["score"] == pytest.approx(max(expected), abs=TOL)
 
 
-def test_index_pool_scores_every_caption_and_sentence(scorer):
-    cfg = FuserConfig(name="p", kind="pool-mbr", tau=0.05, genericity=0.1, length_penalty=0.01, image_text=0,
-                      evidence_k=3)  # fmt: skip
-    pool = build_pool(cfg, CAPTIONS, scorer, None, neighbours_only=False)
-    fuse = PoolMBR(cfg, pool, scorer, None, {}, {"q": "c3"})
-    nl = _neighbours("q", [3, 2, 0], [0.9, 0.85, 0.2])
-    out = fuse([("q", {"nearest": CAPTIONS[3][0]}, nl)])[0]
-
-    distinct = sorted({preprocess(c) for c, _ in CAPTIONS})
+def exact_scores(pool, scorer, order, sims, tau, genericity, length_penalty, own):
+    """Every hypothesis's score by hand: BERTScore to the evidence, G over every index caption, length, own case."""
+    distinct = [preprocess(c) for c, _ in CAPTIONS]
     bs = scorer.block(pool.text, distinct)
-    w = np.exp((np.array([0.9, 0.85, 0.2]) - 0.9) / 0.05)
+    w = np.exp((np.array(sims) - sims[0]) / tau)
     w /= w.sum()
-    cols = [distinct.index(preprocess(CAPTIONS[j][0])) for j in (3, 2, 0)]
-    med = np.median([np.log(ntokens(preprocess(CAPTIONS[j][0]))) for j in (3, 2, 0)])
+    med = np.median([np.log(ntokens(distinct[j])) for j in order])
     score = (
-        bs[:, cols] @ w
-        - 0.1 * bs[:, [distinct.index(preprocess(c)) for c, _ in CAPTIONS]].mean(1)
-        - 0.01 * np.abs(np.log([ntokens(t) for t in pool.text]) - med)
+        bs[:, order] @ w
+        - genericity * bs.mean(1)
+        - length_penalty * np.abs(np.log([ntokens(t) for t in pool.text]) - med)
     )
-    only_c3 = [h for h, g in enumerate(pool.groups) if g == {"c3"}]
-    score[only_c3] = -np.inf  # the query's own case wrote these: never offered
+    score[[h for h, g in enumerate(pool.groups) if g == {own}]] = -np.inf  # the query's own case wrote these
+    return score
+
+
+@pytest.mark.parametrize("shortlist", [None, 1000])
+def test_index_pool_scores_every_caption_and_sentence(pool, scorer, text_model, shortlist):
+    fuse = fuser(pool, scorer, text_model, {"q": "c3"}, tau=0.05, genericity=0.1, length_penalty=0.01, evidence_k=3,
+                 shortlist=shortlist, genericity_sample=None)  # fmt: skip
+    out = fuse([("q", {"nearest": CAPTIONS[3][0]}, _neighbours("q", [3, 2, 0], [0.9, 0.85, 0.2]))])[0]
+    score = exact_scores(pool, scorer, [3, 2, 0], [0.9, 0.85, 0.2], 0.05, 0.1, 0.01, "c3")
     best = int(np.argmax(score))
     assert preprocess(out.caption) == pool.text[best]
-    assert out.extra["score"] == pytest.approx(score[best], abs=1e-6)
+    assert out.extra["score"] == pytest.approx(score[best], abs=TOL)
     assert pool.groups[best] != {"c3"}
+    assert out.extra["source"] == ("nearest" if best == 3 else "index")
 
 
-def test_a_candidate_outside_the_pool_competes_on_the_same_score(scorer):
-    cfg = FuserConfig(name="p", kind="pool-mbr", tau=None, genericity=0, length_penalty=0, image_text=0, evidence_k=2,
-                      sentences=False)  # fmt: skip
-    pool = build_pool(cfg, CAPTIONS, scorer, None, neighbours_only=False)
-    fuse = PoolMBR(cfg, pool, scorer, None, {}, {"q": "cq"})
-    nl = _neighbours("q", [2, 3], [0.9, 0.9])
+def test_a_shortlist_of_the_whole_pool_gives_the_exact_output(pool, scorer, text_model):
+    settings = dict(tau=0.05, genericity=0.1, length_penalty=0.01, evidence_k=4, genericity_sample=None)
+    exact = fuser(pool, scorer, text_model, {}, shortlist=None, **settings)
+    whole = fuser(pool, scorer, text_model, {}, shortlist=len(pool), **settings)
+    items = [(f"q{j}", {"nearest": CAPTIONS[j][0]}, _neighbours(f"q{j}", [(j + d) % 5 for d in range(1, 5)],
+              [0.9, 0.8, 0.75, 0.7])) for j in range(5)]  # fmt: skip
+    assert exact(items) == whole(items)
+
+
+def test_a_short_shortlist_keeps_the_candidates_and_the_own_case_rule(pool, scorer, text_model):
+    """A duplicate of the query's own caption planted in its case is never offered, shortlisted or not."""
+    fuse = fuser(pool, scorer, text_model, {"q": "c4"}, shortlist=2, evidence_k=3, tau=None)
+    nl = _neighbours("q", [2, 0, 1], [0.9, 0.5, 0.4])
+    out = fuse([("q", {"nearest": CAPTIONS[2][0], "far": CAPTIONS[4][0]}, nl)])[0]
+    own = {pool.text[h] for h, g in enumerate(pool.groups) if g == {"c4"}}
+    assert preprocess(out.caption) not in own
+    rows = fuse.scorer.shortlists([fuse.scorer.evidence("q", nl, 3, None)], ["c4"], 2)[0]
+    assert len(rows) == 2 and not {pool.text[r] for r in rows} & own
+
+
+def test_a_candidate_outside_the_pool_competes_on_the_same_score(pool, scorer, text_model):
+    fuse = fuser(pool, scorer, text_model, {"q": "cq"}, tau=None, genericity=0, length_penalty=0, evidence_k=2,
+                 sentences=False, shortlist=None)  # fmt: skip
     merged = "MRI of the brain: ring enhancing lesion in the left frontal lobe."
-    out = fuse([("q", {"gen": merged}, nl)])[0]
-    distinct = sorted({preprocess(c) for c, _ in CAPTIONS})
-    cols = [distinct.index(preprocess(CAPTIONS[j][0])) for j in (2, 3)]
-    mine = scorer.block([preprocess(merged)], distinct)[0, cols].mean()
-    pooled = scorer.block(pool.text, distinct)[:, cols].mean(1).max()
-    assert out.extra["score"] == pytest.approx(max(mine, pooled), abs=1e-6)
+    out = fuse([("q", {"gen": merged}, _neighbours("q", [2, 3], [0.9, 0.9]))])[0]
+    distinct = [preprocess(c) for c, _ in CAPTIONS]
+    mine = scorer.block([preprocess(merged)], distinct)[0, [2, 3]].mean()
+    pooled = scorer.block(distinct, distinct)[:, [2, 3]].mean(1).max()
+    assert out.extra["score"] == pytest.approx(max(mine, pooled), abs=TOL)
     assert (out.caption == merged) == (mine > pooled) and (out.extra["source"] == "gen") == (mine > pooled)
     # with the candidate's own words as the evidence, it wins over every index caption
-    nl2 = NeighbourList("q", (Neighbour("i2", 0.9, CAPTIONS[2][0]),))
-    out2 = fuse([("q", {"gen": merged}, nl2)])[0]
+    out2 = fuse([("q", {"gen": merged}, NeighbourList("q", (Neighbour("i2", 0.9, CAPTIONS[2][0]),)))])[0]
     assert out2.caption == CAPTIONS[2][0]  # the pool's exact match scores 1: nothing beats it
-    assert out2.extra["score"] == pytest.approx(1.0, abs=1e-6)
+    assert out2.extra["score"] == pytest.approx(1.0, abs=TOL)

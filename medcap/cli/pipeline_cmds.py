@@ -255,19 +255,33 @@ def train_encoder_cmd(config: str, overrides: tuple[str, ...], output: str | Non
     metavar="K",
     help="Case-grouped K-fold cross-validation over the captioned splits instead of one split: cvK.md + cvK.png.",
 )
+@click.option(
+    "--nested",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="J",
+    help="With --cv: in each outer fold a J-fold CV of its training images chooses the variant; the outer fold "
+    "reports the choice (the 'nested choice' row).",
+)
 @verbosity
 @user_errors
-def ablate_cmd(config: str, overrides, variants, reference, split, folds) -> None:
+def ablate_cmd(config: str, overrides, variants, reference, split, folds, nested) -> None:
     """Run variants of CONFIG through the shared cache: ablation.md (table, intervals, tests) + ablation.png."""
-    from medcap.ablate import parse_variant, run_ablation, run_cv
+    from medcap.ablate import parse_variant, run_ablation
+    from medcap.cv import run_cv
     from medcap.pipeline import Pipeline
 
     cfg = load(config, overrides)
     chosen = [parse_variant(v) for v in variants] or None
     if folds is not None and split is not None:
         raise click.UsageError("--cv and --split exclude each other: a CV scores every captioned split")
+    if nested is not None and folds is None:
+        raise click.UsageError("--nested needs --cv K: it nests a choice inside each of the K outer folds")
     with Pipeline(cfg).session(_command()):  # the ablation table and plot go into the main run folder
-        result = run_ablation(cfg, chosen, reference, split) if folds is None else run_cv(cfg, folds, chosen, reference)
+        if folds is None:
+            result = run_ablation(cfg, chosen, reference, split)
+        else:
+            result = run_cv(cfg, folds, chosen, reference, nested)
     click.echo(result.table_md.read_text())
     click.echo(f"wrote {relpath(result.table_md)} and {relpath(result.plot)}")
 

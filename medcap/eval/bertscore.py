@@ -122,6 +122,29 @@ class BertScorer:
             for k, (sentence, tokens) in enumerate(batch):
                 self._cache[sentence] = (emb[k, : lens[k]].clone(), torch.tensor(tokens))
 
+    def token_embeddings(self, sentences: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(normalised token embeddings L x d, uniform weights L) of each non-blank sentence, in order, not cached.
+
+        The rows :meth:`block` matches: the same tokens, layer and normalisation; the weights are
+        bert-score's without idf (1, and 0 for [CLS]/[SEP]). For a pool of hypotheses stored once
+        (``fuser/pool.py``) and scored with :func:`greedy_f1`.
+        """
+        from bert_score.utils import bert_encode, padding, sent_encode
+
+        encoded = [sent_encode(self.tokenizer, s) for s in sentences]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        out: list[Any] = [None] * len(encoded)
+        table = self._uniform_table
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            ids, lens, mask = padding([encoded[i] for i in batch], self.tokenizer.pad_token_id)
+            emb = bert_encode(self.model, ids.to(self.device), attention_mask=mask.to(self.device)).float()
+            emb = (emb / emb.norm(dim=-1, keepdim=True)).cpu().numpy()
+            for k, i in enumerate(batch):
+                n = int(lens[k])
+                out[i] = (emb[k, :n], np.array([table[t] for t in encoded[i]], dtype=np.float32))
+        return out
+
     def _pack(self, sentences: Sequence[str], side: str) -> tuple[Any, Any]:
         """Zero-padded embeddings (m, L, d + 2) and normalised weights (m, L) of cached sentences.
 
@@ -219,6 +242,52 @@ class BertScorer:
         blank_r = np.array([not r.strip() for r in refs], dtype=bool)
         out[np.ix_(blank_h, blank_r)] = 1.0
         return out
+
+
+def prepare_tokens(emb: Any, weights: Any, lengths: Any, side: str, dtype: Any = None) -> tuple[Any, Any]:
+    """Padded unit token embeddings (n, L, d) as one side of :func:`match_tokens`: two extra columns (``_pack``'s
+    trick) that push every padded pair's cosine below -1 inside the matrix product, and weights normalised
+    per text (0 on padding and [CLS]/[SEP]; a text whose weights sum to 0 gives NaN, scored 0)."""
+    import torch
+
+    e = torch.as_tensor(emb)
+    e = e.to(dtype) if dtype is not None else e
+    n, length, _ = e.shape
+    pad = torch.arange(length)[None, :] >= torch.as_tensor(lengths)[:, None]
+    ones = torch.ones(n, length, 1, dtype=e.dtype)
+    pads = (pad * _PAD).to(e.dtype)[..., None]
+    aug = torch.cat([e, ones, pads] if side == "hyp" else [e, pads, ones], dim=-1)
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    return aug, w / w.sum(dim=1, keepdim=True)
+
+
+def match_tokens(hyp: tuple[Any, Any], ref: tuple[Any, Any]) -> Any:
+    """BERTScore F1 (H, R) float32 of prepared hypotheses against prepared references (:func:`prepare_tokens`).
+
+    Greedy matching as in :meth:`BertScorer.block`: P = weighted mean over the hypothesis's tokens of
+    their best cosine in the reference, R the other way round, F = 2PR / (P + R), NaN -> 0. The product
+    runs in the prepared dtype (bf16 is ~4x faster than fp32 on CPUs with AMX).
+    """
+    import torch
+
+    (h, hn), (r, rn) = hyp, ref
+    n_h, l_h, d = h.shape
+    n_r, l_r, _ = r.shape
+    sim = (h.reshape(n_h * l_h, d) @ r.reshape(n_r * l_r, d).T).view(n_h, l_h, n_r, l_r)
+    p = torch.bmm(hn[:, None, :], sim.amax(dim=3).float()).squeeze(1)
+    rec = (sim.amax(dim=1).float() * rn[None]).sum(dim=2)
+    return torch.nan_to_num(2 * p * rec / (p + rec), nan=0.0)
+
+
+def greedy_f1(hyp: Any, hyp_w: Any, ref: Any, ref_w: Any) -> Any:
+    """BERTScore F1 of every hypothesis against every reference from zero-padded unit token embeddings
+    ``hyp`` (H, Lh, d), ``ref`` (R, Lr, d) and their weights: :func:`match_tokens` of both, prepared."""
+    import torch
+
+    h, r = torch.as_tensor(hyp), torch.as_tensor(ref)
+    h_len = (h.abs().sum(-1) > 0).sum(1)
+    r_len = (r.abs().sum(-1) > 0).sum(1)
+    return match_tokens(prepare_tokens(h, hyp_w, h_len, "hyp"), prepare_tokens(r, ref_w, r_len, "ref"))
 
 
 def _prf(p: Any, r: Any) -> np.ndarray:

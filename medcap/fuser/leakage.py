@@ -42,11 +42,33 @@ def check_fuser_inputs(pipe: Pipeline, fuser: str, split: str) -> None:
             )
             if split == pipe.cfg.data.index_split:
                 folds_hint.append(f"--set generators.{generator}.folds=5")
+    problems += _learned_fuser_inputs(pipe, fuser, split, ids)
     if problems:
         how = f"Train the fuser on a split the generators did not train on (fusers.{fuser}.train_split)"
         if folds_hint:
             how += f", or cross-fit the generators: add {' '.join(folds_hint)} to every command (or folds: 5 in CONFIG)"
         raise LeakageError("; ".join(problems) + f". {how}.")
+
+
+def _learned_fuser_inputs(pipe: Pipeline, fuser: str, split: str, ids: set[str]) -> list[str]:
+    """A learned fuser read on its own training split must give out-of-fold rows (each names its fold)."""
+    from medcap.fuser import fuser_kind
+
+    problems = []
+    for i in pipe.inputs_of(fuser):
+        cs = pipe.caption_set(i)
+        if cs.stage != "fuse" or not fuser_kind(cs.cfg.kind).trains(cs.cfg):
+            continue
+        if fuser_kind(cs.cfg.kind).train_split(pipe, cs.cfg) != split:
+            continue
+        rows = [r for r in read_jsonl(pipe.path("fuse", i, split)) if r["id"] in ids]
+        plain = [r["id"] for r in rows if "fold" not in r]
+        if plain:
+            problems.append(
+                f"fuser {i!r} trained on {split!r} and gives {len(plain)} of its images without a fold (not "
+                f"out-of-fold), so fuser {fuser!r} would learn from answers fitted to them (e.g. {plain[0]})"
+            )
+    return problems
 
 
 def learned_generators(pipe: Pipeline, name: str) -> list[str]:

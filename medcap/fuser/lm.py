@@ -38,7 +38,10 @@ class LMFuserConfig(FuserConfig):
     model: str = "smollm2"  # the fuser's base causal LM (smollm2 offline, Qwen/Qwen2.5-0.5B-Instruct, ...)
     use_neighbours: bool = False  # also show the neighbours' captions
     k: int = 3  # neighbours shown when use_neighbours
-    train_split: str = "valid"  # split whose candidates it trains on (never one the generators trained on)
+    train_split: str | None = (
+        "valid"  # split whose candidates it trains on (never one the generators trained on); null: the index split (cross-fitted inputs)
+    )
+    alternatives: int = 0  # also show this many of a ranking input's next hypotheses ("ranker #2", ...)
     lora: LoraConfig | None = None  # LoRA, or None for full fine-tuning
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -96,6 +99,9 @@ class LMKind(FuserKind):
     def covers(self, cfg: LMFuserConfig, split: str) -> bool:
         return split != cfg.train_split
 
+    def train_split(self, pipe: Pipeline, cfg: LMFuserConfig) -> str:
+        return cfg.train_split or pipe.cfg.data.index_split
+
     def wants_neighbours(self, cfg: LMFuserConfig) -> bool:
         return cfg.use_neighbours
 
@@ -105,7 +111,7 @@ class LMKind(FuserKind):
         return key_settings(cfg), model_identity(cfg.model), resolved(cfg.engine)
 
     def train_settings(self, cfg: LMFuserConfig) -> Any:
-        shaping = (cfg.use_neighbours, cfg.k, cfg.candidates, cfg.train_split)
+        shaping = (cfg.use_neighbours, cfg.k, cfg.candidates, cfg.train_split, cfg.alternatives)
         return shaping, key_settings(cfg.lora), key_settings(cfg.train), model_identity(cfg.model)
 
     def needs(self, pipe: Pipeline, cfg: LMFuserConfig, split: str) -> list[tuple]:
@@ -113,21 +119,22 @@ class LMKind(FuserKind):
 
     def train(self, pipe: Pipeline, cfg: LMFuserConfig, out: Path) -> None:
         from medcap.data.folds import holdout
+        from medcap.fuser import candidate_captions
         from medcap.fuser.leakage import check_fuser_inputs
         from medcap.fuser.lm_train import train_fuser
 
-        split = cfg.train_split
+        split = self.train_split(pipe, cfg)
         examples = pipe.split(split).examples
         if any(ex.caption is None for ex in examples):
             raise ValueError(f"fuser {cfg.name}: train_split {split!r} has no reference captions")
         inputs = pipe.inputs_of(cfg.name)
-        candidates = {i: pipe.captions(i, split) for i in inputs}
+        candidates = candidate_captions(pipe, inputs, split, cfg.alternatives)
         check_fuser_inputs(pipe, cfg.name, split)
         neighbours = pipe.neighbour_lists(split) if cfg.use_neighbours else {}
         train_items, valid_items = holdout([(ex, neighbours.get(ex.id)) for ex in examples], pipe.cfg.seed)
 
         def rows(items):
-            return [({i: candidates[i][ex.id] for i in inputs}, nb, ex.caption) for ex, nb in items]
+            return [(candidates[ex.id], nb, ex.caption) for ex, nb in items]
 
         train_fuser(cfg, rows(train_items), rows(valid_items), out)
 

@@ -41,7 +41,11 @@ def fuser_prompt(
     sorted by generator name; with it (training) in a random order.
     """
     wanted = set(cfg.candidates)
-    pairs = [(n, one_line(c)) for n, c in candidates.items() if (not wanted or n in wanted) and c and c.strip()]
+    pairs = [
+        (n, one_line(c))
+        for n, c in candidates.items()
+        if (not wanted or n.split(" #")[0] in wanted) and c and c.strip()  # "ranker #2": an input's alternative
+    ]
     pairs.sort()
     if rng is not None:
         rng.shuffle(pairs)

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcap.files import batched
-from medcap.fuser import fuser_kind
+from medcap.fuser import candidate_captions, fuser_kind
 from medcap.launch import hand_off, launcher_for
 from medcap.models.distributed import world
+from medcap.models.hub import model_identity
 from medcap.pipeline import Stage
-from medcap.runs import Manifest, ResumableJsonl, start_folder
+from medcap.runs import Manifest, ResumableJsonl, safe_name, start_folder
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
@@ -25,6 +26,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 64  # images fused and written per batch
+
+
+class Pool(Stage):
+    """``pool/MODEL/``: the index's hypotheses embedded once for the pool fusers (``fuser/pool.py``)."""
+
+    name = "pool"
+
+    def targets(self, pipe: Pipeline) -> list[tuple]:
+        wanted = [
+            need[1:]
+            for f in pipe.cfg.fusers
+            for split in pipe.cfg.data.query_splits
+            if fuser_kind(f.kind).covers(f, split)
+            for need in fuser_kind(f.kind).needs(pipe, f, split)
+            if need[0] == "pool"
+        ]
+        return list(dict.fromkeys(wanted))
+
+    def path(self, pipe: Pipeline, model: str) -> Path:
+        return pipe.run.root / "pool" / safe_name(model)
+
+    def settings(self, pipe: Pipeline, model: str) -> Any:
+        from medcap.retrieval.projection import TEXT_MODEL
+
+        # the utility model by content when it is a folder; the caption-space text model; the index's captions
+        return model_identity(model), TEXT_MODEL, pipe.data_key(pipe.cfg.data.index_split), "v1"
+
+    def make(self, pipe: Pipeline, out: Path, key: str, model: str) -> None:
+        from medcap.eval.metrics import load_bertscorer
+        from medcap.fuser.pool import build_pool
+        from medcap.retrieval.stages import sentence_model_of
+
+        start_folder(out, "pool", key)
+        examples = pipe.split(pipe.cfg.data.index_split).examples
+        rows = [(ex.id, ex.caption, str(ex.group or ex.id)) for ex in examples if (ex.caption or "").strip()]
+        bert = pipe.resource(("bertscorer", model), lambda: load_bertscorer(model, batch_size=64, device="cpu"))
+        build_pool(out, key, rows, bert, sentence_model_of(pipe))
 
 
 class TrainFuser(Stage):
@@ -38,13 +76,17 @@ class TrainFuser(Stage):
 
     def needs(self, pipe: Pipeline, name: str) -> list[tuple]:
         cfg = pipe.cfg_of(name, "fuse")
-        needs = [pipe.caption_need(i, cfg.train_split) for i in pipe.inputs_of(name)]
-        return needs + ([("retrieve", cfg.train_split)] if fuser_kind(cfg.kind).wants_neighbours(cfg) else [])
+        kind = fuser_kind(cfg.kind)
+        split = kind.train_split(pipe, cfg)
+        return list(
+            dict.fromkeys([*(pipe.caption_need(i, split) for i in pipe.inputs_of(name)), *kind.train_needs(pipe, cfg)])
+        )
 
     def settings(self, pipe: Pipeline, name: str) -> Any:
         cfg = pipe.cfg_of(name, "fuse")
+        kind = fuser_kind(cfg.kind)
         # the seed draws the validation hold-out; the train split's references are what it learns
-        return fuser_kind(cfg.kind).train_settings(cfg), pipe.cfg.seed, pipe.data_key(cfg.train_split)
+        return kind.train_settings(cfg), pipe.cfg.seed, pipe.data_key(kind.train_split(pipe, cfg))
 
     def hint(self, pipe: Pipeline, name: str) -> str:
         return f"medcap train fuser {name} -c CONFIG"
@@ -60,9 +102,11 @@ class TrainFuser(Stage):
         if w.is_main:
             start_folder(out, "train", key)
         w.barrier()
-        fuser_kind(cfg.kind).train(pipe, cfg, out)
+        kind = fuser_kind(cfg.kind)
+        kind.train(pipe, cfg, out)
         if w.is_main:
-            Manifest("train", key, complete=True, info={"split": cfg.train_split, "processes": w.size}).write(out)
+            info = {"split": kind.train_split(pipe, cfg), "processes": w.size}
+            Manifest("train", key, complete=True, info=info).write(out)
         w.barrier()
 
 
@@ -97,13 +141,13 @@ class Fuse(Stage):
         if not kind.covers(cfg, split):
             raise ValueError(f"fuser {name} does not caption {split!r}, the split it trained on")
         inputs = pipe.inputs_of(name)
-        candidates = {i: pipe.captions(i, split) for i in inputs}
+        candidates = candidate_captions(pipe, inputs, split, getattr(cfg, "alternatives", 0))
         neighbours = pipe.neighbour_lists(split) if kind.wants_neighbours(cfg) else {}
         sink = ResumableJsonl(
             out, "fuse", key, inputs=tuple(str(pipe.path(*pipe.caption_need(i, split))) for i in inputs)
         )
         todo = [
-            (ex.id, {i: candidates[i][ex.id] for i in inputs}, neighbours.get(ex.id))
+            (ex.id, candidates[ex.id], neighbours.get(ex.id))
             for ex in pipe.split(split).examples
             if ex.id not in sink.done
         ]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUERY_CHUNK = 1024  # queries searched and written per batch (the resumable unit)
+CROSSFIT_FOLDS = 5  # caption space: folds by case for the neighbours of the index split's own images
 
 
 def sentence_model_of(pipe: Pipeline) -> Any:
@@ -40,6 +41,45 @@ def projection_path(index_path: Path) -> Path:
     return index_path.with_name(index_path.stem + ".projection.npz")
 
 
+def captions_path(index_path: Path) -> Path:
+    """The caption embeddings the projection was fitted to (a side file of the index, reused by cross-fitting)."""
+    return index_path.with_name(index_path.stem + ".captions.npz")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    import io
+
+    from medcap.files import write_atomic
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    write_atomic(path, buf.getvalue())
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    import io
+
+    from medcap.files import write_atomic
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def projected_path(neighbours_path: Path) -> Path:
+    """The queries' predicted caption embeddings beside their neighbours (caption space; ``.ids.json`` too)."""
+    return neighbours_path.with_name(neighbours_path.stem + ".projected.npy")
+
+
+def query_projections(pipe: Pipeline, split: str) -> tuple[list[str], np.ndarray]:
+    """(IDs, predicted caption embeddings) of ``split``'s images as ``retrieve`` searched with them: fitted
+    without the image's own fold when it belongs to the index split (cross-fitted), else the run's map."""
+    import json
+
+    out = projected_path(pipe.path("retrieve", split))
+    return json.loads(out.with_suffix(".ids.json").read_text()), np.load(out)
+
+
 def load_projection(pipe: Pipeline) -> Any:
     """The run's fitted projection (caption space), or None for image-space retrieval."""
     from medcap.retrieval.projection import Projection
@@ -49,19 +89,22 @@ def load_projection(pipe: Pipeline) -> Any:
     return Projection.load(projection_path(pipe.path("index")))
 
 
-def check_projection_leak(pipe: Pipeline, split: str) -> None:
-    """Refuse caption-space retrieval for query images whose own captions fitted the projection."""
-    index_captioned = {ex.id for ex in pipe.split(pipe.cfg.data.index_split).examples if (ex.caption or "").strip()}
-    shared = [ex.id for ex in pipe.split(split).examples if ex.id in index_captioned]
-    if shared and split not in pipe.cfg.data.query_splits:  # the index split's own neighbours: training data
-        log.warning("split %s: neighbours in caption space, with a projection fitted on its own captions", split)
-    elif shared:
+def check_projection_leak(pipe: Pipeline, split: str) -> bool:
+    """Whether ``split``'s caption-space neighbours must be cross-fitted (its images are all index images: each
+    fold is searched with a map fitted without it); refuses a split that only partly overlaps the index."""
+    index_ids = {ex.id for ex in pipe.split(pipe.cfg.data.index_split).examples}
+    query = [ex.id for ex in pipe.split(split).examples]
+    shared = [i for i in query if i in index_ids]
+    if shared and len(shared) == len(query):
+        return True
+    if shared:
         raise ValueError(
             f"split {split!r} shares {len(shared)} image(s) (e.g. {shared[0]!r}) with the index split "
             f"{pipe.cfg.data.index_split!r}, on whose captions the caption-space projection was fitted: their "
             "neighbours would be found with their own captions. Query a split outside the index (index train for "
             "valid figures; train+valid for a test split), or set retrieval.index.space=image"
         )
+    return False
 
 
 def encoder_of(pipe: Pipeline) -> Any:
@@ -120,7 +163,7 @@ class Index(Stage):
         return [("embed", pipe.cfg.data.index_split)]
 
     def settings(self, pipe: Pipeline) -> Any:
-        return key_settings(pipe.cfg.retrieval.index)
+        return key_settings(pipe.cfg.retrieval.index), "v2"  # v2: the fitted caption embeddings kept beside it
 
     def make(self, pipe: Pipeline, out: Path, key: str) -> None:
         from medcap.retrieval.embed import load_embeddings
@@ -138,6 +181,7 @@ class Index(Stage):
             texts = caption_embeddings([by_id[ids[k]].caption for k in rows], sentence_model_of(pipe))
             projection = fit_projection(vectors[rows], texts, cfg.ridge)
             projection.save(side)
+            _save_npz(captions_path(out), rows=np.asarray(rows, dtype=np.int64), texts=texts.astype(np.float32))
             vectors = projection(vectors)
         else:
             side.unlink(missing_ok=True)
@@ -160,41 +204,97 @@ class Retrieve(Stage):
 
     def settings(self, pipe: Pipeline, split: str) -> Any:
         r = pipe.cfg.retrieval
-        # captions, concepts and cases of the index and the queries' cases come from the data
-        return r.k, r.exclude_same_group, pipe.data_key(pipe.cfg.data.index_split), pipe.data_key(split)
+        # captions, concepts and cases of the index and the queries' cases come from the data; the seed cuts
+        # the cross-fitting folds of index images' own neighbours (v2: cross-fitted, projections kept)
+        return (
+            r.k,
+            r.exclude_same_group,
+            pipe.data_key(pipe.cfg.data.index_split),
+            pipe.data_key(split),
+            pipe.cfg.seed,
+            "v2",
+        )
 
     def make(self, pipe: Pipeline, out: Path, key: str, split: str) -> None:
+        from medcap.files import write_json
         from medcap.retrieval.embed import load_embeddings
         from medcap.retrieval.index import load_index
         from medcap.retrieval.neighbours import find_neighbours, neighbour_records
 
         r, index_split = pipe.cfg.retrieval, pipe.cfg.data.index_split
         index_path, emb = pipe.path("index"), pipe.path("embed", split)
-        index_ids, _ = load_embeddings(pipe.path("embed", index_split))
+        index_ids, index_vectors = load_embeddings(pipe.path("embed", index_split))
         query_ids, queries = load_embeddings(emb)
         projection = load_projection(pipe)
-        if projection is not None:
-            check_projection_leak(pipe, split)
-            queries = projection(queries)
         index_examples = {ex.id: ex for ex in pipe.split(index_split).examples}
         query_groups = {ex.id: ex.group for ex in pipe.split(split).examples}
+        groups = [index_examples[i].group for i in index_ids]
+        searches = [(lambda: load_index(index_path, r.index), index_ids, groups, query_ids, queries)]
+        if projection is not None:
+            if check_projection_leak(pipe, split):
+                searches = crossfit_searches(pipe, index_path, index_ids, index_vectors, query_ids, queries)
+            else:
+                searches = [(searches[0][0], index_ids, groups, query_ids, projection(queries))]
+            side = projected_path(out)
+            write_json(side.with_suffix(".ids.json"), [q for s in searches for q in s[3]])
+            _save_npy(side, np.concatenate([s[4] for s in searches]).astype(np.float32))
 
         sink = ResumableJsonl(out, "retrieve", key, inputs=(str(index_path), str(emb)))
-        todo = [i for i, qid in enumerate(query_ids) if qid not in sink.done]
-        if todo:
-            index = load_index(index_path, r.index)
-            groups = [index_examples[i].group for i in index_ids]
+        for load, ids_, groups_, q_ids, q_vectors in searches:
+            todo = [i for i, qid in enumerate(q_ids) if qid not in sink.done]
+            if not todo:
+                continue
+            index = load()
             for start in range(0, len(todo), QUERY_CHUNK):
                 rows = todo[start : start + QUERY_CHUNK]
-                ids = [query_ids[i] for i in rows]
+                ids = [q_ids[i] for i in rows]
                 hits = find_neighbours(
-                    index, index_ids, ids, queries[rows], r.k,
-                    index_groups=groups,
+                    index, ids_, ids, q_vectors[rows], r.k,
+                    index_groups=groups_,
                     query_groups=[query_groups.get(i) for i in ids],
                     exclude_same_group=r.exclude_same_group,
                 )  # fmt: skip
                 sink.write([n.to_json() for n in neighbour_records(hits, ids, index_examples)])
         sink.finish()
+
+
+def crossfit_searches(pipe: Pipeline, index_path: Path, index_ids, index_vectors, query_ids, queries) -> list[tuple]:
+    """Caption-space searches for queries that are index images, exactly as for a test image: the index split is
+    cut into ``CROSSFIT_FOLDS`` folds by case; fold ``f``'s queries are projected by a map fitted on the other
+    folds and searched in an index of the other folds projected by that map. Returns, per fold,
+    (index loader, index IDs, their cases, query IDs, projected queries)."""
+    from medcap.data.folds import group_folds
+    from medcap.retrieval.index import build_index
+    from medcap.retrieval.projection import fit_projection
+
+    cfg = pipe.cfg.retrieval.index
+    examples = {ex.id: ex for ex in pipe.split(pipe.cfg.data.index_split).examples}
+    with np.load(captions_path(index_path)) as z:
+        fitted, texts = z["rows"], z["texts"]
+    text_of = dict(zip((index_ids[k] for k in fitted), texts, strict=True))
+    folds = group_folds([(examples[i], None) for i in index_ids], CROSSFIT_FOLDS, pipe.cfg.seed)
+    row = {i: k for k, i in enumerate(query_ids)}
+    out = []
+    for held in folds:
+        held_set = set(held)
+        rest = [k for k, i in enumerate(index_ids) if i not in held_set]
+        fit_rows = [k for k in rest if index_ids[k] in text_of]
+        projection = fit_projection(
+            index_vectors[fit_rows], np.stack([text_of[index_ids[k]] for k in fit_rows]), cfg.ridge
+        )
+        ids = [index_ids[k] for k in rest]
+        vectors = projection(index_vectors[rest])
+        q = [i for i in held if i in row]
+        out.append(
+            (
+                lambda v=vectors: build_index(v, cfg),
+                ids,
+                [examples[i].group for i in ids],
+                q,
+                projection(queries[[row[i] for i in q]]) if q else np.zeros((0, vectors.shape[1]), np.float32),
+            )
+        )
+    return out
 
 
 def train_encoder(pipe: Pipeline, out: Path | None = None) -> tuple[str, Path]:
