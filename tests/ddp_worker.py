@@ -70,6 +70,9 @@ def recipe(hidden: int = 16, n: int = N, checkpointing: bool = False) -> trainin
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"))
 
+    def load(folder: Path) -> None:
+        model.load_state_dict(weights(folder))
+
     return training.Recipe(
         model=model,
         n=n,
@@ -80,6 +83,7 @@ def recipe(hidden: int = 16, n: int = N, checkpointing: bool = False) -> trainin
         fingerprint=f"ddp-worker-{hidden}-{n}",
         validate=validate,
         name="ddp worker",
+        load=load,
     )
 
 

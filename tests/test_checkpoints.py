@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from ddp_worker import config, train, weights
+from ddp_worker import config, recipe, train, weights
 
 from medcap.models import checkpoints, training
 
@@ -74,8 +74,10 @@ def test_a_finished_training_keeps_its_model_and_drops_its_checkpoints(tmp_path)
     final, state = train(tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "best").exists()
     assert (final / "weights.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors writes 0600
-    again, same = train(tmp_path / "run")  # finished: not trained again
+    r = recipe()
+    again, same = training.fit(r, config(), tmp_path / "run", "final")  # finished: not trained again, read back
     assert again == final and same.step == state.step == 6
+    assert all(torch.equal(v, weights(final)[k]) for k, v in r.model.state_dict().items())
     kept, _ = train(tmp_path / "kept", config(keep_checkpoints=True))
     assert [p.name for p in checkpoints.checkpoints(tmp_path / "kept")] == ["step-0000004", "step-0000006"]
     training.reset(tmp_path / "run", "final")

@@ -99,6 +99,9 @@ class Recipe:
     validate: Callable[[], dict[str, float]] | None = None  # -> {"val_loss": ..., other metrics}
     report: Callable[[Path, LoopState], None] | None = None  # writes the trainer's report into the final folder
     name: str = "train"  # progress bar and log label
+    # reads a finished folder back into ``model``: a training already finished (its checkpoints gone) returns at
+    # once, and a trainer that uses ``model`` after fit needs this to get the trained weights (not the initial ones)
+    load: Callable[[Path], None] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -250,7 +253,7 @@ def fit(
 
     With ``stop_after`` the call returns after that many steps once a checkpoint is written, and
     the final folder does not exist yet; calling again resumes. A training already finished in
-    ``out_dir`` with the same fingerprint returns at once.
+    ``out_dir`` with the same fingerprint returns at once (``recipe.load`` reads its model back).
     """
     import torch
 
@@ -261,6 +264,8 @@ def fit(
     done = _finished(out_dir, final, recipe.fingerprint)
     if done is not None:
         log.info("%s: already trained: %s", recipe.name, out_dir / final)
+        if recipe.load is not None:
+            recipe.load(out_dir / final)
         return out_dir / final, done
     if w.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
