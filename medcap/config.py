@@ -133,8 +133,8 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 4
+    batch_size: int = 4  # examples per forward pass on one device (a micro-batch)
+    grad_accum: int = 4  # micro-batches per optimiser step, over all processes: global batch = batch_size x grad_accum
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int = 512  # tokens per training sequence
@@ -144,6 +144,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     focal_gamma: float = 0.0  # > 0: token-level focal loss
     seed: int = 0
+    processes: int = 1  # > 1: `medcap run` trains data-parallel in N processes (accelerate launch); same global batch
+    keep_checkpoints: bool = False  # keep checkpoints/ after the final model is written (they hold optimiser state)
 
 
 @dataclass

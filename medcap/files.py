@@ -71,6 +71,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         yield tmp
+        _shareable(tmp)
         if target.exists():
             target.rename(old)
         tmp.rename(target)
@@ -80,6 +81,22 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _shareable(folder: Path) -> None:
+    """Give what a writer left private in ``folder`` (safetensors writes 0600) the mode a plain ``open`` gives.
+
+    Teammates read models in shared run folders; execute bits are kept.
+    """
+    mask = umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                mode = os.stat(path).st_mode & 0o777
+                os.chmod(path, (0o666 & ~mask) | (mode & 0o111))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

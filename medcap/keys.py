@@ -31,7 +31,8 @@ NO_EFFECT: dict[type, frozenset[str]] = {
             "gpu_memory_utilization",
         }
     ),
-    TrainConfig: frozenset({"save_every", "eval_samples"}),
+    # a training's global batch is batch_size x grad_accum whatever the number of processes
+    TrainConfig: frozenset({"save_every", "eval_samples", "processes", "keep_checkpoints"}),
     EvalConfig: frozenset({"batch_size", "device"}),
 }
 

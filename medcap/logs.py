@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medcap.models.distributed import env_rank
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%H:%M:%S"
 # Libraries that log chatter at INFO (absl: "Using default tokenizer" per ROUGE call; faiss.loader:
@@ -49,6 +51,8 @@ THIRD_PARTY = (
 def setup_logging(verbosity: int = 0) -> None:
     """Console logging for a command: ``verbosity`` -1 (``-q``) WARNING, 0 INFO, 1+ (``-v``) DEBUG."""
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    if env_rank() > 0:  # a launch's other processes: rank 0 says what they all do
+        level = max(level, logging.WARNING)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     console = next((h for h in root.handlers if getattr(h, "_medcap_console", False)), None)
@@ -86,7 +90,7 @@ def quiet_libraries(debug: bool = False) -> None:
 
 def on_terminal() -> bool:
     """True when progress bars help: stderr is a terminal (never in CI logs or pipes)."""
-    return sys.stderr.isatty() and os.environ.get("MEDCAP_PROGRESS", "auto") != "off"
+    return env_rank() == 0 and sys.stderr.isatty() and os.environ.get("MEDCAP_PROGRESS", "auto") != "off"
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:

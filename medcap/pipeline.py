@@ -24,6 +24,7 @@ from typing import Any
 from medcap.config import RunConfig, SynthesizerConfig, config_hash, dump_config
 from medcap.data import SplitData, load_split, write_rejects
 from medcap.files import read_jsonl, write_atomic
+from medcap.models.distributed import env_rank
 from medcap.records import Candidate, Example, NeighbourList
 from medcap.registry import Registry
 from medcap.runs import RunDir, borrow, is_fresh, run_lock
@@ -117,6 +118,7 @@ class Pipeline:
     peers: list[Path] = field(default_factory=list)  # other run folders whose fresh artifacts may be reused
     history: list[StageRun] = field(default_factory=list)
     allowed: set[str] | None = None  # stages that may run in this command (None: all)
+    launcher: str | None = None  # hand every training stage to this launcher (accelerate | torchrun; medcap/launch.py)
     derived: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # split -> (parents, IDs)
     _splits: dict[str, SplitData] = field(default_factory=dict, repr=False)
     _data_keys: dict[str, str] = field(default_factory=dict, repr=False)
@@ -144,7 +146,7 @@ class Pipeline:
             if self.cfg.data.limit is not None:
                 n = self.cfg.data.limit
                 data = SplitData(data.split, data.examples[:n], data.rejects, data.ids[:n], data.skipped)
-            if data.rejects:
+            if data.rejects and env_rank() == 0:  # a launch's other processes read, never write
                 path = self.run.rejects(name)
                 write_rejects(path, data.rejects)
                 log.warning(
@@ -382,9 +384,14 @@ class Pipeline:
             finally:
                 self._sessions -= 1
             return
-        with run_lock(self.run.root), run_log(self.run.root, command or "medcap (Python API)"):
+        rank0 = env_rank() == 0  # a launch's other processes neither lock nor log nor write: rank 0 does
+        with (
+            run_lock(self.run.root) if rank0 else contextlib.nullcontext(),
+            run_log(self.run.root, command or "medcap (Python API)") if rank0 else contextlib.nullcontext(),
+        ):
             self._sessions = 1
-            write_atomic(self.run.config(), dump_config(self.cfg))
+            if rank0:
+                write_atomic(self.run.config(), dump_config(self.cfg))
             try:
                 yield self
             finally:

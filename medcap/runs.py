@@ -235,9 +235,18 @@ class RunLockedError(RuntimeError):
     """Another process is running stages in the same run folder."""
 
 
+# Set by a medcap command that holds a run's lock for the training processes it launched (medcap/launch.py):
+# the absolute path of that run folder. Those processes write into it without taking the lock themselves.
+LOCK_HELD = "MEDCAP_RUN_LOCK_HELD"
+
+
 @contextlib.contextmanager
 def run_lock(root: Path):
-    """Hold ``root/.lock`` while stages run: two processes appending to one run would corrupt it."""
+    """Hold ``root/.lock`` while stages run: two processes appending to one run would corrupt it.
+
+    In a process launched by the command that holds it (``LOCK_HELD`` names ``root``), a held lock
+    is that command's, held for this process: it goes on without taking it.
+    """
     import fcntl
 
     root.mkdir(parents=True, exist_ok=True)
@@ -245,6 +254,10 @@ def run_lock(root: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if os.environ.get(LOCK_HELD) == str(root.resolve()):
+                log.debug("%s: locked by the medcap command that launched this training", root)
+                yield
+                return
             raise RunLockedError(
                 f"{root} is in use by another medcap process; wait for it or use another run name"
             ) from None

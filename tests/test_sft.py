@@ -171,7 +171,8 @@ def test_adapter_config_refuses_what_vllm_rejects():
 
 def test_train_resume_matches_uninterrupted_run_and_adapter_serves(tiny_dirs, splits, tmp_path):
     train, valid = splits
-    cfg = gen_cfg("smolvlm", tiny_dirs["smolvlm"], grad_accum=1, eval_samples=1)
+    # keep_checkpoints: a finished training otherwise removes them; they are compared below
+    cfg = gen_cfg("smolvlm", tiny_dirs["smolvlm"], grad_accum=1, eval_samples=1, keep_checkpoints=True)
     train_pairs, valid_pairs = pairs_of(train, 6), pairs_of(valid, 1)
     whole = train_generator(cfg, train_pairs, valid_pairs, tmp_path / "whole")
 

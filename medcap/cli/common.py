@@ -52,13 +52,14 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from medcap.fuser.leakage import LeakageError
+        from medcap.launch import LaunchError
         from medcap.pipeline import StageInputError
         from medcap.preflight import PreflightError
         from medcap.runs import RunLockedError
 
         try:
             return fn(*args, **kwargs)
-        except (*USER_ERRORS, StageInputError, RunLockedError, LeakageError, PreflightError) as e:
+        except (*USER_ERRORS, StageInputError, RunLockedError, LeakageError, PreflightError, LaunchError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 

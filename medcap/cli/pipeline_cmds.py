@@ -55,9 +55,18 @@ def finish(pipe) -> None:
     "--limit", type=int, default=None, metavar="N", help="Only the first N images of each split (run NAME-limitN)."
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan (cached, to run and why) and stop.")
+@click.option(
+    "--launcher",
+    type=click.Choice(["accelerate", "torchrun"]),
+    default=None,
+    help="Hand every training to this launcher (train.processes processes, else its own config); "
+    "other stages stay in this process. Without it a training with train.processes > 1 goes to accelerate.",
+)
 @verbosity
 @user_errors
-def run_cmd(config: str, overrides: tuple[str, ...], only, skip, limit: int | None, dry_run: bool) -> None:
+def run_cmd(
+    config: str, overrides: tuple[str, ...], only, skip, limit: int | None, dry_run: bool, launcher: str | None
+) -> None:
     """Run the whole pipeline of CONFIG, cached and resumable.
 
     Stages: embed, index, retrieve, train, generate, synthesize, pool, train-fuser, fuse, evaluate, submit.
@@ -65,6 +74,7 @@ def run_cmd(config: str, overrides: tuple[str, ...], only, skip, limit: int | No
     from medcap.preflight import preflight
 
     pipe = pipeline_of(config, overrides, limit)
+    pipe.launcher = launcher
     wanted = pipe.plan(only, skip)  # unknown stage names fail before anything is written
     report = preflight(pipe, wanted)
     if dry_run:
@@ -139,8 +149,14 @@ def train() -> None:
 @verbosity
 @user_errors
 def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...], folds: int | None) -> None:
-    """Train generator NAME of CONFIG on the index split (its inputs are made or taken from the cache)."""
+    """Train generator NAME of CONFIG on the index split (its inputs are made or taken from the cache).
+
+    Under `accelerate launch` or `torchrun` it trains data-parallel in the launched processes; rank 0
+    makes missing inputs first and writes the model and its manifest.
+    """
     from medcap.generators import needs_training
+    from medcap.launch import make_trained
+    from medcap.models.distributed import env_rank, launched
 
     if folds is not None:
         overrides = (*overrides, f"generators.{name}.folds={folds}")
@@ -151,14 +167,20 @@ def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...], fold
             f"generator {name} ({cfg.kind}, mode {cfg.mode}) has nothing to train: "
             "use kind: prefix, or a multimodal LLM with mode: sft and no adapter"
         )
+    if cfg.folds >= 2 and launched():
+        raise ValueError(
+            f"generator {name}: cross-fitting (folds: {cfg.folds}) trains its fold models inside generation, in one "
+            "process; run it without a launcher (the model on the whole index split can be launched on its own)"
+        )
     with pipe.session(_command()):
         pipe.allowed = {"embed", "index", "retrieve", "train", "generate"}
-        pipe.make("train", name)
+        make_trained(pipe, "train", name)
         if cfg.folds >= 2:
             pipe.make(
                 "generate", name, pipe.cfg.data.index_split
             )  # trains the fold models, writes out-of-fold candidates
-    history(pipe)
+    if env_rank() == 0:
+        history(pipe)
     if folds is not None:
         click.echo(
             f"\ncross-fitted {name} in {folds} folds. Later commands must see the same setting: add `folds: {folds}` "
@@ -172,8 +194,13 @@ def train_generator_cmd(name: str, config: str, overrides: tuple[str, ...], fold
 @verbosity
 @user_errors
 def train_fuser_cmd(name: str, config: str, overrides: tuple[str, ...]) -> None:
-    """Train fuser NAME of CONFIG on its train split's caption sets (made if missing; leakage-checked)."""
+    """Train fuser NAME of CONFIG on its train split's caption sets (made if missing; leakage-checked).
+
+    Under `accelerate launch` or `torchrun` it trains data-parallel in the launched processes.
+    """
     from medcap.fuser import fuser_kind
+    from medcap.launch import make_trained
+    from medcap.models.distributed import env_rank
     from medcap.pipeline import STAGES
     from medcap.preflight import preflight
 
@@ -184,8 +211,9 @@ def train_fuser_cmd(name: str, config: str, overrides: tuple[str, ...]) -> None:
     preflight(pipe, ["train-fuser"]).raise_if_failed()
     with pipe.session(_command()):
         pipe.allowed = set(STAGES)
-        pipe.make("train-fuser", name)
-    history(pipe)
+        make_trained(pipe, "train-fuser", name)
+    if env_rank() == 0:
+        history(pipe)
 
 
 @train.command("encoder")

@@ -30,6 +30,7 @@ from medcap.files import write_atomic
 from medcap.fuser import Fuse, Item
 from medcap.fuser.pool_mbr import PoolMBRConfig, PoolMBRKind, pool_scorer, projected_queries, score_hypotheses
 from medcap.keys import key_settings
+from medcap.models.distributed import world
 from medcap.records import Candidate
 
 if TYPE_CHECKING:
@@ -164,23 +165,27 @@ class RankerKind(PoolMBRKind):
             raise ValueError(f"fuser {cfg.name}: split {split!r} has no captioned image to learn from")
         check_fuser_inputs(pipe, cfg.name, split)
         data_path = out / DATA
-        if data_path.is_file():
-            data = ListData.load(data_path)
-        else:
-            data = self.lists(pipe, cfg, split, examples)
-            data.save(data_path)
+        w = world()
+        with w.main_first():  # under a launcher rank 0 makes the lists, the others read them
+            if data_path.is_file():
+                data = ListData.load(data_path)
+            else:
+                data = self.lists(pipe, cfg, split, examples)
+                data.save(data_path)
         grid = [(h, t) for h in cfg.hidden for t in cfg.temperature]
         _, report, oof = select_and_fit(
             data, grid, cfg.inner_folds, cfg.train, out, pipe.cfg.seed, f"ranker {cfg.name}"
         )
-        shutil.rmtree(out / "inner", ignore_errors=True)
         rows = []
         for k, (fold, order) in sorted(oof.items()):
             texts = [str(data.texts[k][j]) for j in order[:ALTERNATIVES]]
             rows.append(
                 {"id": data.ids[k], "caption": texts[0], "generator": cfg.name, "fold": fold, "alternatives": texts}
             )
-        write_atomic(out / OOF, "".join(json.dumps(r) + "\n" for r in rows))
+        if w.is_main:
+            shutil.rmtree(out / "inner", ignore_errors=True)
+            write_atomic(out / OOF, "".join(json.dumps(r) + "\n" for r in rows))
+        w.barrier()
         log.info("%s: chose hidden %d, temperature %g on %d images", cfg.name, report["hidden"], report["temperature"],
                  report["images"])  # fmt: skip
 

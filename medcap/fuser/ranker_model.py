@@ -25,6 +25,7 @@ import numpy as np
 from medcap.config import TrainConfig
 from medcap.files import write_json
 from medcap.models import training
+from medcap.models.distributed import world
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,15 @@ def fit(data: ListData, hidden: int, temperature: float, tc: TrainConfig, out_di
     fingerprint = json.dumps(
         {"hidden": hidden, "temperature": temperature, "train": training_settings(tc), "ids": data.ids}, sort_keys=True
     )
+
+    def load(folder: Path) -> None:  # a fit finished before (a rerun): its checkpoints are gone, its model is here
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(folder / "model.safetensors")))
+
     recipe = training.Recipe(
         model=net, n=len(data.ids), batch=batch, loss=lambda b: listwise_loss(net, b, temperature),
-        tokens=lambda b: int(b[0].shape[0]), save=save, fingerprint=fingerprint, name=name,
+        tokens=lambda b: int(b[0].shape[0]), save=save, fingerprint=fingerprint, name=name, load=load,
     )  # fmt: skip
     training.fit(recipe, tc, out_dir, FINAL)
     net.eval()
@@ -215,5 +222,6 @@ def select_and_fit(
         hidden, temperature = grid[0]
     net = fit(data, hidden, temperature, replace(tc), out_dir, name)
     report = {"hidden": hidden, "temperature": temperature, "inner_cv": table, "images": len(data.ids)}
-    write_json(out_dir / FINAL / "selection.json", report)
+    if world().is_main:  # under a launcher every process fits, rank 0 writes
+        write_json(out_dir / FINAL / "selection.json", report)
     return net, report, oof.get((hidden, temperature), {})

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from medcap.files import batched
 from medcap.fuser import candidate_captions, fuser_kind
+from medcap.launch import hand_off, launcher_for
+from medcap.models.distributed import world
 from medcap.models.hub import model_identity
 from medcap.pipeline import Stage
 from medcap.runs import Manifest, ResumableJsonl, safe_name, start_folder
@@ -90,11 +92,22 @@ class TrainFuser(Stage):
         return f"medcap train fuser {name} -c CONFIG"
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str) -> None:
-        start_folder(out, "train", key)
         cfg = pipe.cfg_of(name, "fuse")
+        tc = getattr(cfg, "train", None)
+        launcher = launcher_for(tc, pipe.launcher)
+        if launcher is not None:  # train.processes > 1 or --launcher: in a launcher's processes
+            hand_off(pipe, self.name, name, tc, launcher, out, key)
+            return
+        w = world()  # under a launcher every process trains and rank 0 writes
+        if w.is_main:
+            start_folder(out, "train", key)
+        w.barrier()
         kind = fuser_kind(cfg.kind)
         kind.train(pipe, cfg, out)
-        Manifest("train", key, complete=True, info={"split": kind.train_split(pipe, cfg)}).write(out)
+        if w.is_main:
+            info = {"split": kind.train_split(pipe, cfg), "processes": w.size}
+            Manifest("train", key, complete=True, info=info).write(out)
+        w.barrier()
 
 
 class Fuse(Stage):

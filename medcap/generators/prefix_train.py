@@ -23,6 +23,7 @@ from medcap.config import ConfigError, EngineConfig, GenerationConfig, Generator
 from medcap.generators.kind import Generator, GeneratorKind, Item
 from medcap.keys import key_settings
 from medcap.models import training
+from medcap.models.distributed import world
 from medcap.models.hub import model_identity
 from medcap.records import Candidate
 
@@ -247,7 +248,8 @@ class PrefixKind(GeneratorKind):
 
             if not cfg.prefix.train_lm:
                 raise ValueError(f"generator {cfg.name}: prefix.lm: scratch needs prefix.train_lm: true")
-            lm = build_scratch_lm([ex.caption for ex, _ in train], out / "scratch-lm")
+            with world().main_first():  # under a launcher rank 0 builds it, the others load what it wrote
+                lm = build_scratch_lm([ex.caption for ex, _ in train], out / "scratch-lm")
             cfg = replace(cfg, prefix=replace(cfg.prefix, lm=str(lm)))
         train_prefix(cfg, *arrays(train), *arrays(valid), out)
 

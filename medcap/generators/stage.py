@@ -22,7 +22,9 @@ from medcap.config import GeneratorConfig, config_hash
 from medcap.data.folds import group_folds, holdout
 from medcap.files import write_json
 from medcap.generators import Item, generator_kind
+from medcap.launch import hand_off, launcher_for
 from medcap.logs import progress
+from medcap.models.distributed import world
 from medcap.pipeline import Stage
 from medcap.runs import Manifest, ResumableJsonl, is_fresh, start_folder
 
@@ -53,13 +55,19 @@ def fit(pipe: Pipeline, cfg: GeneratorConfig, items: list[Item], out: Path, key:
     """Train ``cfg``'s model on ``items`` (10% of cases held out for validation) into ``out``, keyed.
 
     A folder made with another key is removed first: a changed setting never resumes an old
-    training or returns an old model.
+    training or returns an old model. Under a launcher every process trains and rank 0 writes.
     """
-    start_folder(out, "train", key)
+    w = world()
+    if w.is_main:
+        start_folder(out, "train", key)
+    w.barrier()
     train_items, valid_items = holdout(items, pipe.cfg.seed)
     generator_kind(cfg.kind).train(pipe, cfg, train_items, valid_items, out)
-    write_json(out / TRAIN_IDS, sorted(ex.id for ex, _ in train_items + valid_items))
-    Manifest("train", key, complete=True, count=len(train_items), info={"valid": len(valid_items)}).write(out)
+    if w.is_main:
+        write_json(out / TRAIN_IDS, sorted(ex.id for ex, _ in train_items + valid_items))
+        info = {"valid": len(valid_items), "processes": w.size}
+        Manifest("train", key, complete=True, count=len(train_items), info=info).write(out)
+    w.barrier()
 
 
 class Train(Stage):
@@ -87,7 +95,11 @@ class Train(Stage):
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str) -> None:
         cfg = pipe.generator_cfg(name)
-        fit(pipe, cfg, index_items(pipe, cfg), out, key)
+        launcher = launcher_for(cfg.train, pipe.launcher)
+        if launcher is not None:  # train.processes > 1 or --launcher: in a launcher's processes
+            hand_off(pipe, self.name, name, cfg.train, launcher, out, key)
+        else:
+            fit(pipe, cfg, index_items(pipe, cfg), out, key)
 
 
 class Generate(Stage):

@@ -32,6 +32,7 @@ from medcap.generators.sft_eval import forward_losses, validate
 from medcap.keys import key_settings
 from medcap.models import training
 from medcap.models.chat import eos_ids
+from medcap.models.distributed import world
 from medcap.models.families import Family, cap_pixels, get_family, resolve_device, resolve_model
 from medcap.models.training import label_tokens
 
@@ -177,7 +178,8 @@ def _load_4bit(cfg: MLLMConfig, family: Family) -> tuple[Any, Any]:
         bnb_4bit_use_double_quant=True,
     )
     cls = getattr(transformers, family.model_class)
-    model = cls.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0})
+    device_map = {"": torch.cuda.current_device()}  # this process's GPU under a launcher
+    model = cls.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16, device_map=device_map)
     processor = transformers.AutoProcessor.from_pretrained(path)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
@@ -280,8 +282,10 @@ def train_generator(
             tc.max_length,
         )
     log.info("%s: adapter written to %s", cfg.name, adapter)
-    if cfg.lora.merge:
+    w = world()
+    if cfg.lora.merge and w.is_main:
         from medcap.engines.merge import merge_adapter
 
         merge_adapter(family, cfg.model or family.default_model, adapter, out_dir / "merged")
+    w.barrier()
     return adapter

@@ -4,30 +4,43 @@ A trainer builds its model and a :class:`Recipe` (how to make micro-batch ``m`` 
 indices, the summed token loss of a batch and its token count, validation, how to save the model
 as a folder); :func:`fit` does the rest the same way for all three:
 
-- a seeded data order: micro-batch ``m`` is a fixed slice of epoch ``m // per_epoch``'s permutation,
-  so it depends on (seed, m) alone and a resumed run sees the same batches;
+- a seeded data order (``models/schedule.py``): micro-batch ``m`` is a fixed slice of epoch
+  ``m // per_epoch``'s permutation, so it depends on (seed, m) alone and a resumed run sees the
+  same batches; its dropout is seeded by (seed, m) too;
 - gradient accumulation with the loss averaged over every counted token of the window;
 - AdamW, linear warmup and decay, gradient clipping;
 - validation every ``eval_every`` steps: the model with the lowest ``val_loss`` is kept in ``best/``,
   and training stops after ``patience`` validations without improvement when a patience is given;
 - an atomic checkpoint (trainable weights, optimiser, scheduler, RNG states, loop state) every
-  ``save_every`` steps in ``checkpoints/step-NNNNNNN``; a rerun continues from the newest one and
-  ends with the same weights as an uninterrupted run; a checkpoint made with other settings or
-  data (``Recipe.fingerprint``) is refused, never resumed;
+  ``save_every`` steps in ``checkpoints/step-NNNNNNN``, data that ``torch.load(weights_only=True)``
+  reads (``models/checkpoints.py``); a rerun continues from the newest one and ends with the same
+  weights as an uninterrupted run; a checkpoint made with other settings or data
+  (``Recipe.fingerprint``) is refused, never resumed, and so is one that needs unpickling;
 - ``stop_after`` (checkpoint and return after that many steps in this call) and ``on_step``.
 
 The finished model goes to ``out_dir/FINAL`` (the best one, or the last without validation),
-with the trainer's report written into the same atomic folder.
+with the trainer's report written into the same atomic folder; then ``training.json`` records the
+finished training and the checkpoints go (``train.keep_checkpoints`` keeps them).
+
+**Data parallel.** Under ``accelerate launch`` or ``torchrun`` (``models/distributed.py``) every
+process runs this loop on a whole copy of the model. The global batch is the config's whatever
+the number of processes N: an optimiser step is ``grad_accum`` micro-batches of ``batch_size``
+examples, and process r takes micro-batches r, r + N, ... of the step (each of ``batch_size``
+examples, so ``batch_size`` is what one device holds). The token count is summed over every
+process before the backward passes and the gradients after them, dropout draws from (seed,
+micro-batch) alone, so N processes end with the weights of one, to float rounding, and resume
+from each other's checkpoints (the data position is in micro-batches, not per-process steps).
+Rank 0 validates and writes checkpoints, ``best/``, the final model and the history; the others wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,18 +48,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medcap.config import TrainConfig
-from medcap.files import atomic_dir, write_atomic
+from medcap.files import atomic_dir, read_json, write_atomic, write_json
+from medcap.models import checkpoints as ckpt
 from medcap.models.chat import IGNORE
+from medcap.models.checkpoints import CHECKPOINTS, KEEP, STATE, checkpoints
+from medcap.models.distributed import World, broadcast_parameters, sum_gradients, world
+from medcap.models.schedule import Plan, linear_schedule, log_plan, micro_seed, total_steps
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-STATE = "state.pt"
+__all__ = ["CHECKPOINTS", "KEEP", "STATE", "LoopState", "Plan", "Recipe", "checkpoints", "fit", "linear_schedule",
+           "reset", "total_steps"]  # fmt: skip
+
 GRAD_CLIP = 1.0
-KEEP = 2  # newest complete checkpoints kept
+DONE = "training.json"  # beside the final model: the finished training's fingerprint and loop state
 
 
 @dataclass
@@ -54,6 +72,8 @@ class LoopState:
     """What a checkpoint records besides tensors."""
 
     step: int = 0  # optimiser steps done; the data position is step * grad_accum micro-batches
+    examples: int = 0  # training examples those micro-batches held (every process together)
+    processes: int = 1  # how many processes trained (the last of them, after a resume)
     best_loss: float | None = None
     best_step: int | None = None
     bad: int = 0  # validations in a row without improvement
@@ -79,50 +99,20 @@ class Recipe:
     validate: Callable[[], dict[str, float]] | None = None  # -> {"val_loss": ..., other metrics}
     report: Callable[[Path, LoopState], None] | None = None  # writes the trainer's report into the final folder
     name: str = "train"  # progress bar and log label
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Seeded data order: micro-batch ``m`` is a fixed slice of epoch ``m // per_epoch``'s permutation."""
-
-    n: int
-    batch_size: int
-    seed: int
-
-    @property
-    def per_epoch(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def indices(self, m: int) -> list[int]:
-        epoch, j = divmod(m, self.per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return order[j * self.batch_size : (j + 1) * self.batch_size].tolist()
-
-
-def total_steps(tc: TrainConfig, n: int) -> int:
-    """Optimiser steps of a training: ``max_steps``, else ``epochs`` over ``n`` examples."""
-    per_epoch = math.ceil(n / max(tc.batch_size, 1))
-    return tc.max_steps or max(1, math.ceil(tc.epochs * per_epoch / max(tc.grad_accum, 1)))
-
-
-def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    """The learning-rate factor of step ``s``: linear warmup over ``warmup`` steps, then linear decay to 0.
-
-    The first step already learns ((s + 1) / (warmup + 1)), so even a one-step run moves the weights.
-    """
-
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        return max(0.0, (total - s) / max(1, total - warmup))
-
-    return factor
+    # reads a finished folder back into ``model``: a training already finished (its checkpoints gone) returns at
+    # once, and a trainer that uses ``model`` after fit needs this to get the trained weights (not the initial ones)
+    load: Callable[[Path], None] | None = None
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch, Python and NumPy before a model is built (LoRA and mapper initialisation draw from them)."""
+    """Seed torch, Python and NumPy before a model is built (LoRA and mapper initialisation draw from them).
+
+    Under a launcher this also joins the process group, which puts each process on its own GPU
+    before the model is loaded there.
+    """
     import torch
 
+    world()
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -150,16 +140,30 @@ def train_step(
     params: list[Any],
     opt: Any,
     sched: Any,
+    *,
+    seeds: list[int] | None = None,
+    w: World | None = None,
 ) -> float:
-    """One optimiser step over accumulated micro-batches: the loss averaged over all their counted tokens."""
+    """One optimiser step over accumulated micro-batches: the loss averaged over all their counted tokens.
+
+    ``seeds``: a torch seed per micro-batch (its dropout). ``w``: the processes training together;
+    each passes its own micro-batches, and the token count and the gradients are summed over all.
+    """
     import torch
 
-    count = max(sum(tokens(b) for b in window), 1)
+    w = w or World()
+    count = sum(tokens(b) for b in window)
+    if w.size > 1:
+        count = int(w.sum(torch.tensor([count], dtype=torch.int64, device=w.device)).item())
+    count = max(count, 1)
     total = 0.0
-    for batch in window:
-        value = loss(batch) / count
-        value.backward()
+    for i, batch in enumerate(window):
+        with _seeded(seeds[i] if seeds is not None else None, params):
+            value = loss(batch) / count
+            value.backward()
         total += value.item()
+    if w.size > 1:
+        (total,) = sum_gradients(w, params, [total])
     torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
     opt.step()
     sched.step()
@@ -167,70 +171,37 @@ def train_step(
     return total
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, params: list[Any]) -> Iterator[None]:
+    """Run a micro-batch with torch's RNG seeded by ``seed`` (then put the RNG back as it was)."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
-def checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / STATE).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: LoopState, fingerprint: str) -> Path:
-    import torch
-
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     blob = {
         "fingerprint": fingerprint,
-        "trainable": trainable,
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
-        "rng": _rng_state(),
+        "rng": ckpt.rng_state(),
         "state": asdict(state),
     }
-    dst = Path(out_dir) / CHECKPOINTS / f"step-{state.step:07d}"
-    try:
-        with atomic_dir(dst) as tmp:
-            torch.save(blob, tmp / STATE)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces from torch as "unexpected pos ..."
-        free = shutil.disk_usage(Path(out_dir)).free // 2**20
-        raise OSError(
-            f"{dst}: the checkpoint could not be written ({free} MB free on that disk; the previous checkpoints "
-            f"are kept and a rerun resumes from the newest): {e}"
-        ) from e
-    for old in checkpoints(out_dir)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
+    return ckpt.write(out_dir, state.step, blob)
 
 
 def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, fingerprint: str) -> LoopState:
-    import torch
-
-    saved = torch.load(path / STATE, map_location="cpu", weights_only=False)  # our own file: RNG tuples
+    saved = ckpt.read(path)
     if saved["fingerprint"] != fingerprint:
         raise ValueError(
             f"{path} was written with other settings or data; pass resume=False (or train into another folder) "
@@ -241,15 +212,28 @@ def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, fingerprint: 
         raise ValueError(f"{path}: weights the model does not have: {result.unexpected_keys[:3]}")
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
-    _set_rng_state(saved["rng"])
+    ckpt.set_rng_state(saved["rng"])
     return LoopState(**saved["state"])
 
 
+def _finished(out_dir: Path, final: str, fingerprint: str) -> LoopState | None:
+    """The loop state of a training already finished in ``out_dir`` with this fingerprint, else None."""
+    path = out_dir / DONE
+    if not path.is_file() or not (out_dir / final).is_dir():
+        return None
+    done = read_json(path)
+    return LoopState(**done["state"]) if done.get("fingerprint") == fingerprint else None
+
+
 def reset(out_dir: Path, final: str) -> None:
-    """Forget a training: its checkpoints, best model, history and finished model."""
-    for name in (CHECKPOINTS, "best", final):
-        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
-    (Path(out_dir) / "history.jsonl").unlink(missing_ok=True)
+    """Forget a training: its checkpoints, best model, history and finished model (rank 0 removes them)."""
+    w = world()
+    if w.is_main:
+        for name in (CHECKPOINTS, "best", final):
+            shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
+        for name in ("history.jsonl", DONE):
+            (Path(out_dir) / name).unlink(missing_ok=True)
+    w.barrier()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -268,14 +252,25 @@ def fit(
     """Train ``recipe.model``; returns (``out_dir/final``, loop state).
 
     With ``stop_after`` the call returns after that many steps once a checkpoint is written, and
-    the final folder does not exist yet; calling again resumes.
+    the final folder does not exist yet; calling again resumes. A training already finished in
+    ``out_dir`` with the same fingerprint returns at once (``recipe.load`` reads its model back).
     """
     import torch
 
     from medcap.logs import progress
 
+    w = world()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    done = _finished(out_dir, final, recipe.fingerprint)
+    if done is not None:
+        log.info("%s: already trained: %s", recipe.name, out_dir / final)
+        if recipe.load is not None:
+            recipe.load(out_dir / final)
+        return out_dir / final, done
+    if w.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (out_dir / CHECKPOINTS).glob(".step-*.tmp"):  # a checkpoint cut off by a kill
+            shutil.rmtree(stale, ignore_errors=True)
     model, accum = recipe.model, max(tc.grad_accum, 1)
     plan = Plan(recipe.n, max(tc.batch_size, 1), tc.seed)
     total = total_steps(tc, recipe.n)
@@ -283,27 +278,39 @@ def fit(
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(int(tc.warmup_ratio * total), total))
 
-    state = LoopState()
+    state = LoopState(processes=w.size)
     found = checkpoints(out_dir)
     if found:
         state = _load_checkpoint(found[-1], model, opt, sched, recipe.fingerprint)
-        log.info("%s: resuming at step %d of %d from %s", recipe.name, state.step, total, found[-1])
-    else:
+        log.info(
+            "%s: resuming at step %d of %d (%d examples in) from %s",
+            recipe.name, state.step, total, state.examples, found[-1],
+        )  # fmt: skip
+        if state.processes != w.size:
+            log.info(
+                "%s: the checkpoint was written by %d process(es), this run has %d: the same data order and global "
+                "batch, so it continues where it stopped", recipe.name, state.processes, w.size,
+            )  # fmt: skip
+        state.processes = w.size
+    elif w.is_main:
         shutil.rmtree(out_dir / "best", ignore_errors=True)
-    log.info(
-        "%s: %d steps of %d x %d examples (%d training examples)", recipe.name, total, plan.batch_size, accum, recipe.n
-    )
+    broadcast_parameters(w, params)
+    log_plan(recipe, tc, plan, total, w)
 
     def validate() -> dict[str, float]:
-        model.eval()
-        with torch.no_grad():
-            metrics = recipe.validate()
-        model.train()
+        metrics = None
+        if w.is_main:
+            model.eval()
+            with torch.no_grad():
+                metrics = recipe.validate()
+            model.train()
+        metrics = w.share(metrics)
         loss = metrics["val_loss"]
         if state.best_loss is None or loss < state.best_loss:
             state.best_loss, state.best_step, state.bad = loss, state.step, 0
-            with atomic_dir(out_dir / "best") as tmp:
-                recipe.save(tmp)
+            if w.is_main:
+                with atomic_dir(out_dir / "best") as tmp:
+                    recipe.save(tmp)
         else:
             state.bad += 1
         state.stopped_early = patience is not None and state.bad >= patience
@@ -311,18 +318,23 @@ def fit(
         return metrics
 
     def checkpoint() -> None:
-        _save_checkpoint(out_dir, model, opt, sched, state, recipe.fingerprint)
-        rows = "".join(json.dumps(row) + "\n" for row in state.validations)
-        write_atomic(out_dir / "history.jsonl", rows)
+        if w.is_main:
+            _save_checkpoint(out_dir, model, opt, sched, state, recipe.fingerprint)
+            rows = "".join(json.dumps(row) + "\n" for row in state.validations)
+            write_atomic(out_dir / "history.jsonl", rows)
+        w.barrier()  # every process knows the checkpoint is whole before it goes on (or is killed)
 
     model.train()
     done_here = 0
     with progress(total=total, initial=state.step, desc=recipe.name, unit="step") as bar:
         while state.step < total and not state.stopped_early:
             first = state.step * accum
-            window = [recipe.batch(plan.indices(m), m) for m in range(first, first + accum)]
-            loss_value = train_step(window, recipe.loss, recipe.tokens, params, opt, sched)
+            mine = plan.shard(first, accum, w)
+            window = [recipe.batch(plan.indices(m), m) for m in mine]
+            seeds = [micro_seed(tc.seed, m) for m in mine]
+            loss_value = train_step(window, recipe.loss, recipe.tokens, params, opt, sched, seeds=seeds, w=w)
             state.step += 1
+            state.examples += sum(plan.size(m) for m in range(first, first + accum))
             done_here += 1
             row: dict[str, Any] = {"step": state.step, "loss": loss_value, "lr": sched.get_last_lr()[0]}
             bar.update(1)
@@ -341,7 +353,14 @@ def fit(
                 return out_dir / final, state
     if state.stopped_early:
         log.info("%s: early stop at step %d: no improvement in %d validations", recipe.name, state.step, patience)
+    if w.is_main:
+        _write_final(recipe, tc, out_dir, final, state)
+    w.barrier()
+    return out_dir / final, state
 
+
+def _write_final(recipe: Recipe, tc: TrainConfig, out_dir: Path, final: str, state: LoopState) -> None:
+    """The final model (the best one, else the last) and its report; then the record, then the scaffolding goes."""
     best = out_dir / "best"
     with atomic_dir(out_dir / final) as tmp:
         if best.is_dir():
@@ -350,6 +369,8 @@ def fit(
             recipe.save(tmp)
         if recipe.report is not None:
             recipe.report(tmp, state)
+    write_json(out_dir / DONE, {"fingerprint": recipe.fingerprint, "final": final, "state": asdict(state)})
     shutil.rmtree(best, ignore_errors=True)
+    if not tc.keep_checkpoints:  # the final model is written: optimiser state is GBs nobody resumes from
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     log.info("%s: model written to %s", recipe.name, out_dir / final)
-    return out_dir / final, state
