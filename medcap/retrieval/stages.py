@@ -89,14 +89,22 @@ def load_projection(pipe: Pipeline) -> Any:
     return Projection.load(projection_path(pipe.path("index")))
 
 
-def check_projection_leak(pipe: Pipeline, split: str) -> bool:
-    """Whether ``split``'s caption-space neighbours must be cross-fitted (its images are all index images: each
-    fold is searched with a map fitted without it); refuses a split that only partly overlaps the index."""
+def crossfitted_split(pipe: Pipeline, split: str) -> bool:
+    """True when ``split``'s caption-space neighbours are cross-fitted: every one of its images is an index image
+    and it is training data (not a query split), e.g. the index split itself for a learned fuser."""
+    if pipe.cfg.retrieval.index.space != "caption" or split in pipe.cfg.data.query_splits:
+        return False
     index_ids = {ex.id for ex in pipe.split(pipe.cfg.data.index_split).examples}
-    query = [ex.id for ex in pipe.split(split).examples]
-    shared = [i for i in query if i in index_ids]
-    if shared and len(shared) == len(query):
+    return all(ex.id in index_ids for ex in pipe.split(split).examples)
+
+
+def check_projection_leak(pipe: Pipeline, split: str) -> bool:
+    """Whether ``split``'s caption-space neighbours must be cross-fitted (:func:`crossfitted_split`); refuses a
+    query split that shares images with the index (their own captions fitted the projection)."""
+    if crossfitted_split(pipe, split):
         return True
+    index_ids = {ex.id for ex in pipe.split(pipe.cfg.data.index_split).examples}
+    shared = [ex.id for ex in pipe.split(split).examples if ex.id in index_ids]
     if shared:
         raise ValueError(
             f"split {split!r} shares {len(shared)} image(s) (e.g. {shared[0]!r}) with the index split "
@@ -205,15 +213,9 @@ class Retrieve(Stage):
     def settings(self, pipe: Pipeline, split: str) -> Any:
         r = pipe.cfg.retrieval
         # captions, concepts and cases of the index and the queries' cases come from the data; the seed cuts
-        # the cross-fitting folds of index images' own neighbours (v2: cross-fitted, projections kept)
-        return (
-            r.k,
-            r.exclude_same_group,
-            pipe.data_key(pipe.cfg.data.index_split),
-            pipe.data_key(split),
-            pipe.cfg.seed,
-            "v2",
-        )
+        # the folds of cross-fitted neighbours (v2: the queries' projections kept beside the neighbours)
+        seed = pipe.cfg.seed if crossfitted_split(pipe, split) else None
+        return r.k, r.exclude_same_group, pipe.data_key(pipe.cfg.data.index_split), pipe.data_key(split), seed, "v2"
 
     def make(self, pipe: Pipeline, out: Path, key: str, split: str) -> None:
         from medcap.files import write_json
