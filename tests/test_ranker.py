@@ -154,3 +154,29 @@ def test_rouge_bags_are_rouge_score():
     sc = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
     want = np.array([[sc.score(r, h)["rouge1"].fmeasure for r in refs] for h in hyps])
     assert np.allclose(got, want)
+
+
+def test_the_lists_resume_after_a_crash(ranked, tmp_path, monkeypatch):
+    import medcap.fuser.ranker as ranker
+    from medcap.config import load_config
+    from medcap.pipeline import Pipeline
+
+    run, path, _, _ = ranked
+    pipe = Pipeline(load_config(path))
+    cfg = pipe.cfg_of("ranker", "fuse")
+    examples = [ex for ex in pipe.split("train").examples][:10]
+    monkeypatch.setattr(ranker, "LIST_SHARD", 4)
+    made, real = [], ranker.RankerKind._shard
+
+    def dies_on_the_second(self, *args):
+        made.append(len(args[3]))
+        if len(made) == 2:
+            raise RuntimeError("killed")
+        return real(self, *args)
+
+    monkeypatch.setattr(ranker.RankerKind, "_shard", dies_on_the_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        ranker.RANKER.lists(pipe, cfg, "train", examples, tmp_path / "partial")
+    data = ranker.RANKER.lists(pipe, cfg, "train", examples, tmp_path / "partial")
+    assert made == [4, 4, 4, 2] and data.ids == [ex.id for ex in examples]  # the first shard was not made again
+    pipe.close()

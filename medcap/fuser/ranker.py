@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DATA = "lists.npz"  # the training lists (features, utilities), kept so a restarted training skips them
 OOF = "oof.jsonl"  # the training split's own choices, each by the inner model that did not learn from it
+LIST_SHARD = 64  # training images whose lists are made and written at once (the resumable unit)
 ALTERNATIVES = 5  # hypotheses each row lists best first ("alternatives"): a generative fuser may read them
 
 
@@ -170,8 +171,9 @@ class RankerKind(PoolMBRKind):
             if data_path.is_file():
                 data = ListData.load(data_path)
             else:
-                data = self.lists(pipe, cfg, split, examples)
+                data = self.lists(pipe, cfg, split, examples, out / "lists.partial")
                 data.save(data_path)
+                shutil.rmtree(out / "lists.partial", ignore_errors=True)
         grid = [(h, t) for h in cfg.hidden for t in cfg.temperature]
         _, report, oof = select_and_fit(
             data, grid, cfg.inner_folds, cfg.train, out, pipe.cfg.seed, f"ranker {cfg.name}"
@@ -189,10 +191,10 @@ class RankerKind(PoolMBRKind):
         log.info("%s: chose hidden %d, temperature %g on %d images", cfg.name, report["hidden"], report["temperature"],
                  report["images"])  # fmt: skip
 
-    def lists(self, pipe: Pipeline, cfg: RankerConfig, split: str, examples: list) -> Any:
-        """Every training image's list, features and utilities against its own reference."""
+    def lists(self, pipe: Pipeline, cfg: RankerConfig, split: str, examples: list, partial: Path) -> Any:
+        """Every training image's list, features and utilities against its own reference; written in shards of
+        ``LIST_SHARD`` images under ``partial`` (a crash loses one), joined at the end."""
         from medcap.files import batched
-        from medcap.fuser.ranker_features import RougeBags, utilities
         from medcap.fuser.ranker_model import ListData
         from medcap.logs import progress
 
@@ -200,23 +202,37 @@ class RankerKind(PoolMBRKind):
         projected = projected_queries(pipe, split) if cfg.image_text else {}
         groups = {ex.id: str(ex.group or ex.id) for ex in examples}
         neighbours = pipe.neighbour_lists(split)
-        inputs = pipe.inputs_of(cfg.name)
-        captions = {i: pipe.captions(i, split) for i in inputs}
+        captions = {i: pipe.captions(i, split) for i in pipe.inputs_of(cfg.name)}
+        shards = list(batched(examples, LIST_SHARD))
+        parts = []
+        for k, batch in enumerate(progress(shards, desc=f"ranker {cfg.name} lists", unit="shard")):
+            path = partial / f"{k:05d}.npz"
+            if not path.is_file():
+                self._shard(pipe, cfg, split, batch, scorer, projected, groups, neighbours, captions).save(path)
+                log.debug(
+                    "%s: lists of %d/%d images", cfg.name, min((k + 1) * LIST_SHARD, len(examples)), len(examples)
+                )
+            parts.append(ListData.load(path))
+        return ListData(*([x for part in parts for x in getattr(part, f)] for f in ListData.FIELDS))
+
+    def _shard(self, pipe, cfg, split, batch, scorer, projected, groups, neighbours, captions) -> Any:
+        from medcap.fuser.ranker_features import RougeBags, utilities
+        from medcap.fuser.ranker_model import ListData
+
         rouge = pipe.resource(("rouge-bags",), RougeBags)
-        data = ListData([], [], [], [], [], [], [], [])
-        for batch in progress(list(batched(examples, 64)), desc=f"ranker {cfg.name} lists", unit="batch"):
-            items = [(ex.id, {i: captions[i][ex.id] for i in inputs}, neighbours[ex.id]) for ex in batch]
-            for ex, (s, _, feats) in zip(batch, ranked_lists(pipe, cfg, split, items, scorer, projected, groups),
-                                         strict=True):  # fmt: skip
-                bs, r1 = utilities(s, scorer.pool.image_row[ex.id], scorer, rouge)
-                data.ids.append(ex.id)
-                data.groups.append(groups[ex.id])
-                data.features.append(feats.astype(np.float32))
-                data.utility.append((cfg.bs_weight * bs + (1 - cfg.bs_weight) * r1).astype(np.float32))
-                data.rows.append(s.rows.astype(np.int64))
-                data.bs.append(bs.astype(np.float32))
-                data.r1.append(r1.astype(np.float32))
-                data.texts.append(np.array(s.texts, dtype=str))
+        data = ListData(*([] for _ in ListData.FIELDS))
+        items = [(ex.id, {i: c[ex.id] for i, c in captions.items()}, neighbours[ex.id]) for ex in batch]
+        for ex, (s, _, feats) in zip(batch, ranked_lists(pipe, cfg, split, items, scorer, projected, groups),
+                                     strict=True):  # fmt: skip
+            bs, r1 = utilities(s, scorer.pool.image_row[ex.id], scorer, rouge)
+            data.ids.append(ex.id)
+            data.groups.append(groups[ex.id])
+            data.features.append(feats.astype(np.float32))
+            data.utility.append((cfg.bs_weight * bs + (1 - cfg.bs_weight) * r1).astype(np.float32))
+            data.rows.append(s.rows.astype(np.int64))
+            data.bs.append(bs.astype(np.float32))
+            data.r1.append(r1.astype(np.float32))
+            data.texts.append(np.array(s.texts, dtype=str))
         return data
 
     def build(self, pipe: Pipeline, cfg: RankerConfig, split: str) -> Fuse:
