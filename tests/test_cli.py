@@ -49,7 +49,7 @@ def test_dry_run_plans_without_writing_and_unknown_stages_fail_first(config, tmp
     assert "embed" in res.output and "missing" in res.output and "to run" in res.output
     assert not (tmp_path / "runs").exists()
     bad = invoke("run", config, "--only", "embed", "--skip", "fusee")
-    assert bad.exit_code == 2 and "unknown stage(s) ['fusee']" in bad.output
+    assert bad.exit_code == 2 and "'fusee' is not one of" in bad.output and "'fuse'" in bad.output
     assert not (tmp_path / "runs").exists()
     assert invoke("run", config).exit_code == 0
     again = invoke("run", config, "--dry-run", "--set", "retrieval.k=2")
@@ -119,3 +119,14 @@ def test_data_check_refuses_ids_no_submission_can_hold(tmp_path, phantom_dir):
         csv.writer(f).writerows(rows)
     res = invoke("data", "check", data)
     assert res.exit_code == 1 and "a comma in the ID" in res.output, res.output
+
+
+def test_options_with_fixed_values_list_them_and_refuse_others(tmp_path):
+    help_text = invoke("evaluate", "--help").output
+    assert "[imageclef2023|imageclef2024|imageclef2025|imageclef2026]" in help_text
+    assert "[2023|2024|2025|2026]" in invoke("validate", "--help").output
+    assert "train-fuser" in invoke("run", "--help").output
+    bad = invoke("evaluate", str(tmp_path), "--suite", "imageclef2099")
+    assert bad.exit_code == 2 and "'imageclef2099' is not one of" in bad.output
+    bad_year = invoke("submit", str(tmp_path), "--year", "1999")
+    assert bad_year.exit_code == 2 and "1999" in bad_year.output

@@ -223,6 +223,19 @@ def test_shared_image_folder_from_image_dirs(tmp_path: Path) -> None:
     assert [e.image.name for e in load_split(cfg, "train").examples] == ["a.png", "b.png", "c.png"]
 
 
+def test_unreferenced_images_reads_the_parts_of_a_union_split(tmp_path: Path) -> None:
+    from medcap.data import unreferenced_images
+
+    for name in ("a", "b", "c", "stray"):
+        _image(tmp_path / "images" / f"{name}.jpg")
+    (tmp_path / "train_captions.csv").write_text("ID,Caption\na,CT of the chest.\nb,MRI of the brain.\n")
+    (tmp_path / "valid_captions.csv").write_text("ID,Caption\nc,CT of the head.\n")
+    cfg = DataConfig(root=str(tmp_path), image_dirs=["images"])
+    warnings = unreferenced_images(cfg, ["train+valid"])
+    assert len(warnings) == 1 and "1 image(s) that no row of train, valid names (stray.jpg)" in warnings[0]
+    assert unreferenced_images(cfg, ["train+valid", "valid"]) == warnings
+
+
 def test_load_image_rescales_16_bit(tmp_path: Path) -> None:
     import numpy as np
 

@@ -39,7 +39,7 @@ def test_demo_writes_report_submission_and_ablation(tmp_path, tiny_clip):
     images = sorted((tmp_path / "demo" / "data" / "phantom" / "test").glob("*.jpg"))[:2]
     out = captioner.caption(images)
     assert [c.caption for c in out] == captioner(images)
-    assert all(set(c.candidates) == {"nearest", "consensus", "prefix", "synth", "mbr", "lmf"} for c in out)
+    assert all(set(c.candidates) == {"nearest", "consensus", "prefix", "synth", "mbr", "ranker", "lmf"} for c in out)
     assert all(c.caption == c.candidates["lmf"] for c in out)
     assert not (run / "api" / "models" / "prefix").is_symlink()  # the run's models were linked, not retrained
     assert not any(s.ran and s.stage in ("train", "train-fuser", "index") for s in captioner.pipeline.history)

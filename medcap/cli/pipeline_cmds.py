@@ -11,6 +11,7 @@ import click
 
 from medcap.cli.common import config_argument, config_option, load, main, output_option, user_errors, verbosity
 from medcap.cli.show import history, plan, relpath, scores
+from medcap.pipeline import STAGES
 
 
 def _command() -> str:
@@ -49,8 +50,8 @@ def finish(pipe) -> None:
 
 @main.command("run")
 @config_argument
-@click.option("--only", multiple=True, metavar="STAGE", help="Run only this stage (repeatable).")
-@click.option("--skip", multiple=True, metavar="STAGE", help="Skip this stage (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice(list(STAGES)), help="Run only this stage (repeatable).")
+@click.option("--skip", multiple=True, type=click.Choice(list(STAGES)), help="Skip this stage (repeatable).")
 @click.option(
     "--limit", type=int, default=None, metavar="N", help="Only the first N images of each split (run NAME-limitN)."
 )

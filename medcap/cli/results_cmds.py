@@ -11,16 +11,25 @@ import click
 from medcap.cli.common import main, output_option, run_config, user_errors, verbosity
 from medcap.cli.pipeline_cmds import _command
 from medcap.cli.show import history, scores
+from medcap.eval.imageclef import known_years
+from medcap.eval.suite_specs import SUITES
 
 if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
+
+YEAR = click.Choice(known_years())  # the ImageCLEF years whose submission rules medcap knows
 
 
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--split", "splits", multiple=True, help="Split(s) to score (default: every query split).")
 @click.option("--caption-set", "names", multiple=True, help="Caption set(s) to score (default: all of the run).")
-@click.option("--suite", default=None, help="Metric suite (default: the run's eval.suite), with all its metrics.")
+@click.option(
+    "--suite",
+    type=click.Choice(list(SUITES)),
+    default=None,
+    help="Metric suite (default: the run's eval.suite), with all its metrics.",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override e.g. eval.bertscore_model.")
 @click.option(
     "--retrieval",
@@ -83,7 +92,7 @@ def _evaluate_retrieval(pipe: Pipeline, splits: list[str]) -> None:
 @click.option(
     "--caption-set", "name", default=None, help="Caption set to submit (default: the run's submit.caption_set)."
 )
-@click.option("--year", type=int, default=None, help="Submission rules of this ImageCLEF year (default: the run's).")
+@click.option("--year", type=YEAR, default=None, help="Submission rules of this ImageCLEF year (default: the run's).")
 @click.option("--split", default=None, help="Split to submit (default: test if queried, else the last query split).")
 @output_option("Output file (default: RUN/submissions/NAME.csv).")
 @verbosity
@@ -113,7 +122,7 @@ def submit_cmd(run_dir: str, name: str | None, year: int | None, split: str | No
     type=click.Path(dir_okay=False, exists=True),
     help="The test set's ID,Caption CSV (or a list of IDs), in ground-truth order.",
 )
-@click.option("--year", type=int, default=2024, show_default=True)
+@click.option("--year", type=YEAR, default=2024, show_default=True, help="Submission rules of this ImageCLEF year.")
 @verbosity
 @user_errors
 def validate_cmd(submission: str, testset: str, year: int) -> None:

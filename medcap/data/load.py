@@ -157,6 +157,7 @@ def unreferenced_images(cfg: DataConfig, splits: list[str]) -> list[str]:
         return []
     named: set[Path] = set()
     folders: set[Path] = set()
+    splits = list(dict.fromkeys(part for split in splits for part in split.split("+")))  # a union reads its parts
     for split in splits:
         try:
             scan = _scan(cfg, split)
