@@ -1,0 +1,541 @@
+"""Scale of the fuse path: index, retrieve, pool, generate, fuse (each fuser kind), evaluate and submit on a
+ROCO-sized synthetic index, through the real pipeline stages (issue 19, part 3).
+
+    python bench/scale_fuse.py [--sizes 10000,20000,40000,80000] [--queries 17237] [--text medpix|synthetic]
+                               [--stages index,retrieve,...] [--exact-max 10000] [--resume-check] [--dir DIR]
+                               [--set KEY=VALUE]...
+
+The data (not timed, no image is decoded):
+
+- **text**: ROCO-like captions, 1-3 sentences recombined from a bank of sentences of the real MedPix 2.0
+  captions (``../shared/data/medpix2/*_captions.csv`` from the repository root; ``--text medpix``, the
+  default, stops with a message when they are absent) within one body region, or of template sentences
+  (``--text synthetic``, runs anywhere). Cases of 1-4 images share a caption. The index of each size is the
+  first N images of the largest; the ``--queries`` query images (split ``valid``, with references) are
+  the same for every size.
+- **images**: 512-d embeddings near a 16-d subspace: each body region and bank sentence has a random latent, a
+  caption's is its region's plus the mean of its sentences', each image adds its own jitter and off-subspace noise, so images whose
+  captions share sentences are near each other and retrieval means something. They are written as the
+  run's ``embed`` artifacts (``embeddings/ENCODER/SPLIT.npy`` + ``.ids.json`` + the manifest with the key
+  the ``embed`` stage expects), so the pipeline never loads an encoder; image files are symlinks to one
+  1x1 JPEG (the data layer checks that they exist; ``data.verify_images: false``).
+
+The run is the ``medpix-cpu`` profile (caption-space retrieval, k = 200, its generators ``nearest`` and
+``consensus``, its fusers ``mbr-neighbours``, ``mbr-pool`` and ``ranker``) plus ``mbr-exact``, pool-MBR
+with ``shortlist: null`` (the exact, quadratic baseline, only at sizes up to ``--exact-max``), scored with
+BERTScore (MiniLM) and ROUGE-1 (``evaluate``) and submitted (``submit``, 2024 rules): both of the submitted
+caption set, ``mbr-pool``. ``--set`` overrides its config as ``medcap run --set`` does.
+
+Each stage runs in a fresh child process per size (``bench/scale.py``'s method): ``pipe.make`` of the
+stage's artifacts with only that stage allowed (its inputs must be fresh; when they are not, a preparing
+child makes them first, untimed). The child reports the stage's wall and CPU seconds (after the split is
+loaded and the keys computed, which it reports as setup), and its peak RSS (``ru_maxrss``, imports and
+models included). The summary gives each stage's growth from the smallest to the largest index: the
+exponent b of time ~ N^b (1 is linear; the query count is fixed, so a per-query stage that does not grow
+with the index has b ~ 0).
+
+``--resume-check`` (at the largest size): the ``mbr-pool`` fuse is started again from nothing, killed
+(SIGKILL) once its JSONL holds half the queries, and rerun; its output must equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+MEDPIX = ROOT.parent / "shared" / "data" / "medpix2"
+ENCODER = "medcap-effnet-minilm"  # the name the embeddings are filed under (never loaded: they are written here)
+DIM, LATENT = 512, 16
+INDEX, QUERY = "train", "valid"
+FUSE_BATCH = 64  # medcap.fuser.stage.BATCH: rows the fuse stage writes at once
+SUBMITTED = "<submitted>"  # the run's submit.caption_set (mbr-pool unless --set says otherwise)
+
+# work -> (stages allowed in its child, targets made: (stage, *target)); the order they run in
+WORKS: dict[str, tuple[set[str], list[tuple]]] = {
+    "index": ({"index"}, [("index",)]),
+    "retrieve": ({"retrieve"}, [("retrieve", QUERY)]),
+    "pool": ({"pool"}, [("pool", "minilm")]),
+    "generate nearest": ({"generate"}, [("generate", "nearest", QUERY)]),
+    "generate consensus": ({"generate"}, [("generate", "consensus", QUERY)]),
+    "fuse pool-mbr": ({"fuse"}, [("fuse", "mbr-pool", QUERY)]),
+    "fuse mbr-neighbours": ({"fuse"}, [("fuse", "mbr-neighbours", QUERY)]),
+    "ranker inputs": (
+        {"retrieve", "generate"},
+        [("retrieve", INDEX), ("generate", "nearest", INDEX), ("generate", "consensus", INDEX)],
+    ),
+    "train ranker": ({"train-fuser"}, [("train-fuser", "ranker")]),
+    "fuse ranker": ({"fuse"}, [("fuse", "ranker", QUERY)]),
+    "fuse pool-mbr exact": ({"fuse"}, [("fuse", "mbr-exact", QUERY)]),
+    "evaluate": ({"evaluate"}, [("evaluate", SUBMITTED, QUERY)]),
+    "submit": ({"submit"}, [("submit", SUBMITTED, QUERY)]),
+}
+PER_QUERY = {"retrieve", "generate nearest", "generate consensus", "evaluate", "submit"}
+PER_QUERY |= {w for w in WORKS if w.startswith("fuse")}
+EXACT = "fuse pool-mbr exact"
+RESUMED = "fuse pool-mbr"
+
+
+# --------------------------------------------------------------------------- the text (not timed)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+ORGANS = {
+    "brain": ("frontal lobe", "temporal lobe", "cerebellum", "basal ganglia", "parietal lobe", "pons"),
+    "chest": ("right upper lobe", "left lower lobe", "mediastinum", "hilum", "pleura", "lingula"),
+    "abdomen": ("liver", "spleen", "pancreatic head", "right kidney", "gallbladder", "left adrenal gland"),
+    "spine": ("L4 vertebral body", "cervical cord", "T12 level", "sacrum", "conus medullaris", "C5-C6 disc"),
+    "pelvis": ("bladder", "prostate", "uterus", "right ovary", "acetabulum", "sigmoid colon"),
+    "extremity": ("distal femur", "proximal tibia", "humeral head", "scaphoid", "calcaneus", "patella"),
+}
+MODALITIES = ("Axial CT", "Coronal CT", "Contrast-enhanced CT", "Axial T2-weighted MRI", "Sagittal T1 MRI",
+              "FLAIR MRI", "Frontal radiograph", "Ultrasound")  # fmt: skip
+FINDINGS = ("mass", "cystic lesion", "enhancing nodule", "fracture", "abscess", "hemorrhage", "calcification",
+            "fluid collection", "infarct", "thickening")  # fmt: skip
+EXTRAS = ("There is surrounding edema.", "No lymphadenopathy is seen.", "Findings are consistent with metastasis.",
+          "There is mild mass effect.", "The remaining structures are unremarkable.", "Compare with prior imaging.",
+          "Note the fluid-fluid level.", "There is no free air.", "Adjacent bone is intact.",
+          "A small effusion is present.")  # fmt: skip
+
+
+def synthetic_bank(seed: int = 0) -> dict[str, tuple[list[str], list[str]]]:
+    """Per region: (first sentences, other sentences), from templates."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 1])
+    bank = {}
+    for region, parts in ORGANS.items():
+        first = sorted(
+            {
+                f"{rng.choice(MODALITIES)} of the {region} shows a {rng.integers(1, 9)} cm {rng.choice(FINDINGS)} "
+                f"in the {rng.choice(parts)}."
+                for _ in range(400)
+            }
+        )
+        other = sorted(
+            {f"The {rng.choice(parts)} shows {rng.choice(FINDINGS)}." for _ in range(120)}
+            | {f"No {rng.choice(FINDINGS)} in the {rng.choice(parts)}." for _ in range(120)}
+            | set(EXTRAS)
+        )
+        bank[region] = (first, other)
+    return bank
+
+
+def medpix_bank(folder: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Per MedPix body region (``location_category``): (first sentences, other sentences) of its captions."""
+    region = {}
+    meta = folder / "metadata.csv"
+    if meta.is_file():
+        with open(meta, newline="") as f:
+            region = {r["ID"]: r.get("location_category") or "all" for r in csv.DictReader(f)}
+    bank: dict[str, tuple[set[str], set[str]]] = {}
+    for path in sorted(folder.glob("*_captions.csv")):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                parts = [s.strip() for s in _SENTENCE_END.split((r.get("Caption") or "").strip()) if s.strip()]
+                parts = [s for s in parts if len(s.split()) >= 3]
+                if not parts:
+                    continue
+                first, other = bank.setdefault(region.get(r["ID"], "all"), (set(), set()))
+                first.add(parts[0])
+                other.update(parts[1:])
+    return {k: (sorted(f), sorted(o | f)) for k, (f, o) in sorted(bank.items()) if len(f) >= 2}
+
+
+def make_cases(bank: dict, n_images: int, seed: int, prefix: str) -> tuple[list[tuple[str, str, str]], list]:
+    """Images (ID, case, caption) in cases of 1-4 that share a caption, and each image's sentence keys."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 2, len(prefix)])
+    regions = sorted(bank)
+    weights = np.array([len(bank[r][0]) for r in regions], dtype=np.float64)
+    weights /= weights.sum()
+    images, keys, c = [], [], 0
+    while len(images) < n_images:
+        region = regions[rng.choice(len(regions), p=weights)]
+        first, other = bank[region]
+        n = rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2])
+        chosen = [first[rng.integers(len(first))]]
+        for s in rng.permutation(len(other))[: n - 1]:
+            if other[s] not in chosen:
+                chosen.append(other[s])
+        caption = " ".join(chosen)
+        case = f"{prefix}c{c:07d}"
+        for _ in range(rng.choice([1, 2, 3, 4], p=[0.5, 0.25, 0.15, 0.1])):
+            images.append((f"{prefix}{len(images):07d}", case, caption))
+            keys.append(tuple((region, s) for s in chosen))
+        c += 1
+    return images[:n_images], keys[:n_images]
+
+
+def embeddings(keys: list, seed: int, kind: int):
+    """Unit float16 vectors near a LATENT-dim subspace: the region's latent and the mean of the sentences',
+    plus per-image jitter and off-subspace noise."""
+    import numpy as np
+
+    basis = np.linalg.qr(np.random.default_rng([seed, 3]).normal(size=(DIM, LATENT)))[0]  # shared by every split
+    rng = np.random.default_rng([seed, 4, kind])
+    latent: dict = {}
+
+    def of(key) -> np.ndarray:
+        if key not in latent:
+            h = int.from_bytes(hashlib.blake2b("\0".join(key).encode(), digest_size=8).digest(), "little")
+            latent[key] = np.random.default_rng([seed, 5, h]).normal(size=LATENT)
+        return latent[key]
+
+    z = np.stack([0.7 * of((ks[0][0], "")) + np.mean([of(k) for k in ks], axis=0) for ks in keys])  # region too
+    z += 0.3 * rng.normal(size=z.shape) * np.linalg.norm(z, axis=1, keepdims=True) / math.sqrt(LATENT)
+    v = z @ basis.T
+    v += 0.3 * rng.normal(size=v.shape) * np.linalg.norm(v, axis=1, keepdims=True) / math.sqrt(DIM)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v.astype(np.float16)
+
+
+# --------------------------------------------------------------------------- the data and runs (not timed)
+
+
+def profile_config(root: Path, data_root: Path, n: int, overrides: list[str]) -> dict:
+    """medpix-cpu, on the data set of size ``n``, with the exact pool-MBR beside its fusers."""
+    import yaml
+
+    from medcap.configio import apply_overrides
+
+    cfg = yaml.safe_load((ROOT / "medcap" / "profiles" / "medpix-cpu.yaml").read_text())
+    cfg.pop("ablation", None)
+    cfg["name"], cfg["runs_dir"] = f"n{n}", str(root / "runs")
+    cfg["data"].update(root=str(data_root), index_split=INDEX, query_splits=[QUERY], verify_images=False)
+    cfg["generators"] = [g for g in cfg["generators"] if g["kind"] in ("nearest", "consensus")]
+    mbr_pool = next(f for f in cfg["fusers"] if f["name"] == "mbr-pool")
+    cfg["fusers"].append({**mbr_pool, "name": "mbr-exact", "shortlist": None})
+    cfg["eval"]["metrics"] = ["bertscore", "rouge1"]
+    cfg["submit"]["caption_set"] = "mbr-pool"
+    return apply_overrides(cfg, overrides)
+
+
+def make_data(root: Path, sizes: list[int], queries: int, text: str, overrides: list[str], seed: int = 0) -> None:
+    """Captions, placeholder images and a config per size; embeddings written as each run's embed artifacts.
+    Kept when already there (``--dir``)."""
+    import yaml
+
+    stamp = {"sizes": sizes, "queries": queries, "text": text, "seed": seed, "set": overrides, "v": 1}
+    if (root / "data.json").is_file() and json.loads((root / "data.json").read_text()) == stamp:
+        print(f"# data: {root} (kept)", flush=True)
+        return
+    t0 = time.perf_counter()
+    if text == "medpix":
+        if not any(MEDPIX.glob("*_captions.csv")):
+            raise SystemExit(
+                f"no MedPix captions in {MEDPIX} (expected train_captions.csv, valid_captions.csv): "
+                "rerun with --text synthetic for template sentences"
+            )
+        bank = medpix_bank(MEDPIX)
+    else:
+        bank = synthetic_bank(seed)
+    n_sent = sum(len(o) for _, o in bank.values())
+    index, index_keys = make_cases(bank, max(sizes), seed, "i")
+    query, query_keys = make_cases(bank, queries, seed, "q")
+    vectors = {INDEX: embeddings(index_keys, seed, 0), QUERY: embeddings(query_keys, seed, 1)}
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    blank = images / "blank.jpg"
+    Image.new("L", (1, 1)).save(blank, format="JPEG")
+    for i, _, _ in index + query:
+        link = images / f"{i}.jpg"
+        if not link.is_symlink():
+            link.symlink_to(blank.name)
+    for n in sizes:
+        data = root / "data" / f"n{n}"
+        data.mkdir(parents=True, exist_ok=True)
+        if not (data / "images").exists():
+            (data / "images").symlink_to(images, target_is_directory=True)
+        for split, rows in ((INDEX, index[:n]), (QUERY, query)):
+            with open(data / f"{split}_captions.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["ID", "Caption"])
+                w.writerows([(i, cap) for i, _, cap in rows])
+        with open(data / "metadata.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ID", "case_id", "split"])
+            w.writerows([(i, case, INDEX) for i, case, _ in index[:n]] + [(i, case, QUERY) for i, case, _ in query])
+        cfg = profile_config(root, data, n, overrides)
+        (root / f"n{n}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_embeddings(root / f"n{n}.yaml", {INDEX: (index[:n], vectors[INDEX][:n]), QUERY: (query, vectors[QUERY])})
+    (root / "data.json").write_text(json.dumps(stamp))
+    distinct = len({c for _, _, c in index})
+    print(
+        f"# data: {text} text, {n_sent:,} bank sentences in {len(bank)} regions; index {max(sizes):,} images "
+        f"({distinct:,} distinct captions), {queries:,} queries; {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+
+
+def write_embeddings(config: Path, splits: dict) -> None:
+    """Each split's vectors as the run's embed artifact, under the key the embed stage expects."""
+    from medcap.config import load_config
+    from medcap.pipeline import Pipeline
+    from medcap.retrieval.embed import write_embeddings as write
+
+    pipe = Pipeline(load_config(config))
+    for split, (rows, vectors) in splits.items():
+        ids = [i for i, _, _ in rows]
+        assert ids == [ex.id for ex in pipe.split(split).examples]
+        write(pipe.path("embed", split), pipe.key("embed", split), ids, vectors)
+
+
+# --------------------------------------------------------------------------- one stage (in a child)
+
+
+def child(work: str, n: int, root: Path, prepare: bool) -> dict:
+    """Make ``work``'s artifacts for the run of size ``n``; report its times and peak memory."""
+    from medcap.config import load_config
+    from medcap.pipeline import Pipeline, get_stage
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pipe = Pipeline(load_config(root / f"n{n}.yaml"))
+    allowed, targets = WORKS[work]
+    targets = [tuple(pipe.submitted if x == SUBMITTED else x for x in t) for t in targets]
+    if prepare:  # the inputs of the work, untimed
+        with pipe.session(f"bench prepare {work}"):
+            for t in targets:
+                for need in get_stage(t[0]).needs(pipe, *t[1:]):
+                    if need not in targets:
+                        pipe.make(*need)
+        return {"work": work, "n": n, "prepared": True}
+    for t in targets:
+        pipe.key(*t)  # loads the splits and hashes the data: setup, not the stage
+    preload(pipe, work)
+    missing = [
+        need
+        for t in targets
+        for need in get_stage(t[0]).needs(pipe, *t[1:])
+        if need not in targets and not pipe.fresh(*need)
+    ]
+    if missing:
+        return {"work": work, "n": n, "missing": [list(map(str, m)) for m in missing]}
+    setup = time.perf_counter() - t0
+    t1, c1 = time.perf_counter(), time.process_time()
+    pipe.allowed = allowed
+    shared: dict = {}
+    close = pipe.close
+    pipe.close = lambda: (shared.update(pipe._resources), close())  # keep a look at the scorer before it goes
+    with pipe.session(f"bench {work}"):
+        for t in targets:
+            pipe.make(*t)
+    seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
+    scorers = [v for k, v in shared.items() if isinstance(k, tuple) and k[0] == "pool-scorer"]
+    # hypotheses whose genericity was scored (each against the whole sample, once per process): a per-run cost
+    # that grows with the number of distinct hypotheses the queries' shortlists reach
+    generic = {"pool_rows": len(scorers[0].pool), "genericity_rows": len(scorers[0]._g)} if scorers else {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    ran = [h.stage for h in pipe.history if h.ran]
+    return {"work": work, "n": n, "seconds": seconds, "cpu": cpu, "setup": setup, "peak_mb": peak,
+            "base_mb": base, "ran": ran, "total_cpu": time.process_time() - c0, **generic}  # fmt: skip
+
+
+def preload(pipe, work: str) -> None:
+    """Load the models a stage shares through ``pipe.resource`` (MiniLM, the BERTScore model): a fixed cost per
+    process, reported as setup, not as the stage's time."""
+    from medcap.eval.metrics import load_bertscorer
+    from medcap.retrieval.stages import sentence_model_of
+
+    if work == "index" and pipe.cfg.retrieval.index.space == "caption" or work == "pool" or work.startswith("fuse"):
+        sentence_model_of(pipe)
+    if work == "pool" or work.startswith("fuse") or work == "train ranker":
+        pipe.resource(("bertscorer", "minilm"), lambda: load_bertscorer("minilm", batch_size=64, device="cpu"))
+    if work == "train ranker":
+        sentence_model_of(pipe)
+
+
+def _cmd(work: str, n: int, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, __file__, "--child", work, "--n", str(n), "--dir", str(root), *extra]
+
+
+def _run(cmd: list[str]) -> dict:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-6000:])
+        raise SystemExit(f"child failed ({done.returncode}): {' '.join(cmd)}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(work: str, n: int, root: Path) -> dict:
+    r = _run(_cmd(work, n, root))
+    if "missing" in r:  # inputs of a stage left out of --stages: made first, untimed
+        print(f"#   {work} {n:,}: preparing its inputs {r['missing']} (untimed)", flush=True)
+        _run(_cmd(work, n, root, "--prepare"))
+        r = _run(_cmd(work, n, root))
+    if "missing" in r:
+        raise SystemExit(f"{work} {n:,}: inputs still missing after preparing them: {r['missing']}")
+    return r
+
+
+# --------------------------------------------------------------------------- resumability
+
+
+def _lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def resume_check(n: int, root: Path, queries: int) -> dict:
+    """Kill the mbr-pool fuse halfway, rerun it, and compare with the uninterrupted run's output."""
+    out = root / "runs" / f"n{n}" / "fused" / "mbr-pool" / f"{QUERY}.jsonl"
+    manifest = out.with_name(out.name + ".manifest.json")
+    if not out.is_file():
+        measure(RESUMED, n, root)
+    reference = out.read_bytes()
+    out.unlink()
+    manifest.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(_cmd(RESUMED, n, root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and _lines(out) < queries // 2:
+        time.sleep(0.2)
+    killed_at = _lines(out)
+    finished_first = proc.poll() is not None
+    if not finished_first:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = time.perf_counter() - t0
+    r = measure(RESUMED, n, root)
+    again = out.read_bytes()
+    same_rows = [json.loads(x) for x in reference.splitlines()] == [json.loads(x) for x in again.splitlines()]
+    if not same_rows:
+        shutil.copy(out, out.with_suffix(".resumed.jsonl"))
+        out.with_suffix(".uninterrupted.jsonl").write_bytes(reference)
+    return {"n": n, "killed_at": killed_at, "finished_first": finished_first, "first_s": first,
+            "rerun_s": r["seconds"], "identical": reference == again, "same_rows": same_rows,
+            "rows": len(again.splitlines())}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(results: list[dict], sizes: list[int], queries: int, skipped: list[str]) -> None:
+    print(
+        f"\n{queries:,} queries. Wall and CPU seconds of the stage itself; setup = reading the splits, keys and loading the shared models; "
+        "genericity rows: hypotheses the fuser scored against the genericity sample, of the pool's."
+    )
+    print(
+        "\n| stage | index captions | wall s | CPU s | setup s | ms per query (wall) | peak RSS MB | genericity rows |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        per = f"{r['seconds'] / queries * 1e3:.1f}" if r["work"] in PER_QUERY else ""
+        g = f"{r['genericity_rows']:,} of {r['pool_rows']:,}" if "pool_rows" in r else ""
+        print(
+            f"| {r['work']} | {r['n']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['setup']:.1f} | {per} | "
+            f"{r['peak_mb']:.0f} | {g} |"
+        )
+    for line in skipped:
+        print(f"\n{line}")
+    lo, hi = min(sizes), max(sizes)
+    if lo == hi:
+        return
+    print(f"\nGrowth from {lo:,} to {hi:,} index captions ({hi / lo:.0f}x): time ~ N^b, b = 1 is linear")
+    print(
+        "\n| stage | wall ratio | b (wall) | CPU ratio | b (CPU) | peak RSS ratio |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for work in WORKS:
+        by_n = {r["n"]: r for r in results if r["work"] == work}
+        if lo not in by_n or hi not in by_n:
+            continue
+        a, b = by_n[lo], by_n[hi]
+        tw, tc = b["seconds"] / max(a["seconds"], 1e-9), b["cpu"] / max(a["cpu"], 1e-9)
+        e = math.log(hi / lo)
+        print(
+            f"| {work} | {tw:.2f}x | {math.log(tw) / e:.2f} | {tc:.2f}x | {math.log(tc) / e:.2f} | "
+            f"{b['peak_mb'] / a['peak_mb']:.2f}x |"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10000,20000,40000,80000", help="index sizes (captions)")
+    ap.add_argument("--queries", type=int, default=17237, help="query images (ImageCLEF 2024's test: 17,237)")
+    ap.add_argument("--text", choices=("medpix", "synthetic"), default="medpix")
+    ap.add_argument("--stages", default=",".join(WORKS), help=f"comma-separated subset of: {', '.join(WORKS)}")
+    ap.add_argument("--exact-max", type=int, default=10000, help="largest index the exact pool-MBR runs on")
+    ap.add_argument("--resume-check", action="store_true", help="kill the mbr-pool fuse halfway at the largest size")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--dir", default=None, help="where the data and runs go (kept; default: a temporary folder)")
+    ap.add_argument("--json", default=None, help="also write the measurements to this file")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.child:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        print(json.dumps(child(args.child, args.n, Path(args.dir), args.prepare)))
+        return []
+    sizes = sorted({int(s) for s in args.sizes.split(",")})
+    works = [w.strip() for w in args.stages.split(",") if w.strip()]
+    unknown = set(works) - set(WORKS)
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; choose from {list(WORKS)}")
+    works = [w for w in WORKS if w in works]  # pipeline order
+    results: list[dict] = []
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="medcap-scale-fuse-") as tmp:
+        root = Path(args.dir or tmp).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        make_data(root, sizes, args.queries, args.text, args.set)
+        for n in sizes:
+            for work in works:
+                if work == EXACT and n > args.exact_max:
+                    skipped.append(f"{EXACT} {n:,}: skipped (index > --exact-max {args.exact_max:,}: quadratic)")
+                    print(f"# {skipped[-1]}", flush=True)
+                    continue
+                r = measure(work, n, root)
+                results.append(r)
+                print(
+                    f"# {work} {n:,}: {r['seconds']:.1f} s ({r['cpu']:.1f} s CPU, setup {r['setup']:.1f} s), "
+                    f"peak {r['peak_mb']:.0f} MB",
+                    flush=True,
+                )
+        report(results, sizes, args.queries, skipped)
+        if args.resume_check:
+            rc = resume_check(max(sizes), root, args.queries)
+            print(
+                f"\nResume check at {rc['n']:,} index captions: mbr-pool fuse killed with {rc['killed_at']:,} of "
+                f"{args.queries:,} rows written{' (it finished before the kill)' if rc['finished_first'] else ''}, "
+                f"rerun {rc['rerun_s']:.1f} s; output identical to the uninterrupted run: "
+                f"{'yes' if rc['identical'] else 'NO'} (rows equal: {'yes' if rc['same_rows'] else 'NO'})"
+            )
+            if rc["killed_at"] >= args.queries:
+                print(
+                    f"(every row was written before the kill: use more than {2 * FUSE_BATCH} queries for a mid-run one)"
+                )
+            results.append({"work": "resume check", **rc})
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
