@@ -313,6 +313,13 @@ class AblationConfig:
 
 @dataclass
 class RunConfig:
+    # ``task: vqa`` in a YAML file picks a subclass with that field (``TASKS``); a caption run has none.
+    TASKS: ClassVar[Registry] = Registry(
+        "task", {"caption": "medcap.config:RunConfig", "vqa": "medcap.vqa.config:VQARunConfig"}
+    )
+    DATA_FORMATS: ClassVar[tuple[str, ...]] = ("imageclef", "manifest", "hf")
+    task: ClassVar[str] = "caption"
+
     name: str = "default"  # run folder name under runs_dir
     runs_dir: str = "runs"
     seed: int = 0
@@ -348,26 +355,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+    cls = task_class(data)
     if overrides:
-        data = apply_overrides(_materialise(data), list(overrides))
+        data = apply_overrides(_materialise(data, cls), list(overrides))
     try:
-        cfg = from_dict(RunConfig, data)
+        cfg = from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path or 'defaults'}: {e}") from e
     check_config(cfg)
     return cfg
 
 
-def _materialise(data: dict[str, Any]) -> dict[str, Any]:
+def task_class(data: dict[str, Any]) -> type:
+    """The run config class of ``data``'s ``task`` (caption: ``RunConfig``; vqa: ``VQARunConfig``); a caption
+    config's ``task: caption`` key is dropped."""
+    task = data.get("task", "caption")
+    if not isinstance(task, str):
+        raise ConfigError(f"task: expected a task name, got {task!r}")
+    try:
+        cls = RunConfig.TASKS.get(task)
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
+    if task == "caption":
+        data.pop("task", None)
+    return cls
+
+
+def _materialise(data: dict[str, Any], cls: type | None = None) -> dict[str, Any]:
     """Defaults merged under ``data`` so overrides can address list entries that only exist by default."""
-    merged = to_dict(RunConfig())
+    merged = to_dict((cls or RunConfig)())
     deep_update(merged, data)
     return merged
 
 
 def check_config(cfg: RunConfig) -> None:
     choices = {
-        "data.format": (cfg.data.format, {"imageclef", "manifest", "hf"}),
+        "data.format": (cfg.data.format, set(cfg.DATA_FORMATS)),
         "data.on_error": (cfg.data.on_error, {"raise", "skip"}),
         "retrieval.index.kind": (cfg.retrieval.index.kind, {"flat", "ivf", "hnsw"}),
         "retrieval.index.gpu": (cfg.retrieval.index.gpu, {"auto", "never", "always"}),
@@ -400,6 +423,9 @@ def check_config(cfg: RunConfig) -> None:
             check = getattr(o, "check", None)
             if check is not None:  # a kind's own rules (choices among its settings)
                 check(f"{section}.{o.name}")
+    task_check = getattr(cfg, "check", None)
+    if task_check is not None:  # a task's own rules (VQARunConfig.check)
+        task_check()
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medcap.config import RunConfig, SynthesizerConfig, config_hash, dump_config
-from medcap.data import SplitData, load_split, write_rejects
+from medcap.data import SplitData, write_rejects
 from medcap.files import read_jsonl, write_atomic
 from medcap.models.distributed import env_rank
 from medcap.records import Candidate, Example, NeighbourList
@@ -48,7 +48,31 @@ STAGES = Registry(
         "submit": "medcap.eval.stage:Submit",
     },
 )
+# The VQA task's stages (medcap/vqa/): the same runner and run folder, its own chain after the shared
+# image stages. ``TASKS`` maps each task to its stages and the reader of its image-level splits.
+VQA_STAGES = Registry(
+    "stage",
+    {
+        "embed": "medcap.retrieval.stages:Embed",
+        "questions": "medcap.vqa.stages:Questions",
+        "train-answerer": "medcap.vqa.stages:TrainAnswerer",
+        "answer": "medcap.vqa.stages:Answer",
+        "fuse-answers": "medcap.vqa.stages:FuseAnswers",
+        "evaluate-answers": "medcap.vqa.stages:EvaluateAnswers",
+        "submit-answers": "medcap.vqa.stages:SubmitAnswers",
+    },
+)
+TASKS: dict[str, tuple[Registry, str]] = {
+    "caption": (STAGES, "medcap.data:load_split"),
+    "vqa": (VQA_STAGES, "medcap.vqa.data:load_image_split"),
+}
+SPLIT_READERS = Registry("task", {task: reader for task, (_, reader) in TASKS.items()})
 Need = tuple  # (stage name, *target)
+
+
+def all_stages() -> list[str]:
+    """Every stage name of every task, in order (the CLI's --only/--skip choices)."""
+    return list(dict.fromkeys(name for stages, _ in TASKS.values() for name in stages))
 
 
 class StageInputError(RuntimeError):
@@ -106,7 +130,8 @@ _instances: dict[str, Stage] = {}
 def get_stage(name: str) -> Stage:
     """The stage registered under ``name`` (imported on first use)."""
     if name not in _instances:
-        _instances[name] = STAGES.get(name)()
+        registry = next((stages for stages, _ in TASKS.values() if name in stages), STAGES)
+        _instances[name] = registry.get(name)()
     return _instances[name]
 
 
@@ -142,7 +167,7 @@ class Pipeline:
                 raise ValueError(f"split {name!r}: {len(missing)} ID(s) not in {parents}, e.g. {missing[0]!r}")
             self._splits[name] = SplitData(name, [by_id[i] for i in ids])
         if name not in self._splits:
-            data = load_split(self.cfg.data, name)
+            data = SPLIT_READERS.get(self.cfg.task)(self.cfg.data, name)
             if self.cfg.data.limit is not None:
                 n = self.cfg.data.limit
                 data = SplitData(data.split, data.examples[:n], data.rejects, data.ids[:n], data.skipped)
@@ -192,6 +217,11 @@ class Pipeline:
                 rows.append((ex.id, ex.caption, list(ex.concepts), ex.group, img))
             self._data_keys[split] = config_hash("data", self.cfg.data.group_column, rows)
         return self._data_keys[split]
+
+    @property
+    def stages(self) -> Registry:
+        """The stages of this run's task, in order."""
+        return TASKS[self.cfg.task][0]
 
     @property
     def splits(self) -> list[str]:
@@ -309,10 +339,10 @@ class Pipeline:
     def plan(self, only: Iterable[str] = (), skip: Iterable[str] = ()) -> list[str]:
         """The stages a command runs, in order; unknown names fail before anything is written."""
         only, skip = list(only), list(skip)
-        unknown = sorted((set(only) | set(skip)) - set(STAGES))
+        unknown = sorted((set(only) | set(skip)) - set(self.stages))
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages: {list(STAGES)}")
-        return [s for s in STAGES if (not only or s in only) and s not in skip]
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {list(self.stages)}")
+        return [s for s in self.stages if (not only or s in only) and s not in skip]
 
     def status(self, stage: str, *t: Any) -> tuple[str, str]:
         """(cached | borrow | run | blocked, why) for one artifact, without making anything."""

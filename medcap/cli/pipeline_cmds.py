@@ -11,7 +11,7 @@ import click
 
 from medcap.cli.common import config_argument, config_option, load, main, output_option, user_errors, verbosity
 from medcap.cli.show import history, plan, relpath, scores
-from medcap.pipeline import STAGES
+from medcap.pipeline import all_stages
 
 
 def _command() -> str:
@@ -35,6 +35,11 @@ def finish(pipe) -> None:
     """The end of a command that ran stages: what it made, the scores, what was submitted."""
     from medcap.eval.stage import current_scores
 
+    if pipe.cfg.task == "vqa":
+        from medcap.vqa.show import finish_vqa
+
+        return finish_vqa(pipe)
+
     history(pipe)
     scores(current_scores(pipe))
     from medcap.runs import Manifest
@@ -50,8 +55,8 @@ def finish(pipe) -> None:
 
 @main.command("run")
 @config_argument
-@click.option("--only", multiple=True, type=click.Choice(list(STAGES)), help="Run only this stage (repeatable).")
-@click.option("--skip", multiple=True, type=click.Choice(list(STAGES)), help="Skip this stage (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice(all_stages()), help="Run only this stage (repeatable).")
+@click.option("--skip", multiple=True, type=click.Choice(all_stages()), help="Skip this stage (repeatable).")
 @click.option(
     "--limit", type=int, default=None, metavar="N", help="Only the first N images of each split (run NAME-limitN)."
 )
@@ -72,9 +77,11 @@ def run_cmd(
 
     Stages: embed, index, retrieve, train, generate, synthesize, pool, train-fuser, fuse, evaluate, submit.
     """
-    from medcap.preflight import preflight
-
     pipe = pipeline_of(config, overrides, limit)
+    if pipe.cfg.task == "vqa":  # the second task: its own checks and summary (medcap/vqa/)
+        from medcap.vqa.preflight import preflight
+    else:
+        from medcap.preflight import preflight
     pipe.launcher = launcher
     wanted = pipe.plan(only, skip)  # unknown stage names fail before anything is written
     report = preflight(pipe, wanted)
