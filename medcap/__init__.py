@@ -2,7 +2,7 @@
 
 from medcap.version import __version__
 
-__all__ = ["Captioner", "caption", "__version__"]
+__all__ = ["Answerer", "Captioner", "answer_question", "caption", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,8 @@ def __getattr__(name: str):
         from medcap import api
 
         return getattr(api, name)
+    if name in ("Answerer", "answer_question"):  # the VQA task (medcap/vqa/api.py)
+        from medcap.vqa import api as vqa_api
+
+        return getattr(vqa_api, name)
     raise AttributeError(f"module 'medcap' has no attribute {name!r}")

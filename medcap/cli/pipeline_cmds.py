@@ -280,6 +280,16 @@ def ablate_cmd(config: str, overrides, variants, reference, split, folds, nested
     from medcap.pipeline import Pipeline
 
     cfg = load(config, overrides)
+    if cfg.task == "vqa":  # every answer set of the config, on image-grouped folds (medcap/vqa/cv.py)
+        from medcap.vqa.cv import run_vqa_cv
+
+        if folds is None or variants or nested or split:
+            raise click.UsageError("a VQA config is ablated with --cv K alone: every answer set of it is compared")
+        with Pipeline(cfg).session(_command()):
+            out = run_vqa_cv(cfg, folds)
+        click.echo(out.read_text())
+        click.echo(f"wrote {relpath(out)} and {relpath(out.with_suffix('.json'))}")
+        return
     chosen = [parse_variant(v) for v in variants] or None
     if folds is not None and split is not None:
         raise click.UsageError("--cv and --split exclude each other: a CV scores every captioned split")

@@ -47,6 +47,10 @@ def evaluate_cmd(run_dir: str, splits, names, suite: str | None, overrides, retr
     from medcap.pipeline import Pipeline
 
     cfg = run_config(run_dir, overrides)
+    if cfg.task == "vqa":  # answer sets: closed accuracy, open recall/F1/EM/BLEU-1 (medcap/vqa/)
+        from medcap.vqa.show import evaluate_vqa
+
+        return evaluate_vqa(cfg, list(splits), list(names), _command())
     if retrieval:
         _evaluate_retrieval(Pipeline(cfg), list(splits) or cfg.data.query_splits)
         return
@@ -153,6 +157,13 @@ def report_cmd(run_dir: str, split: str | None, max_images: int | None, output: 
     from medcap.pipeline import Pipeline
 
     pipe = Pipeline(run_config(run_dir))
+    if pipe.cfg.task == "vqa":  # a card per image: its questions, every answer set's answer, the reference
+        from medcap.vqa.report import write_vqa_report
+
+        with pipe.session(_command()):
+            path = write_vqa_report(pipe, Path(output) if output else None, split=split, max_images=max_images)
+        click.echo(f"wrote {path}")
+        return
     with pipe.session(_command()):
         path = write_report(Path(run_dir), Path(output) if output else None, split=split, max_images=max_images)
     click.echo(f"wrote {path}")

@@ -106,12 +106,18 @@ def restrict(scores: dict[str, float], question: str, atype: str) -> dict[str, f
         if choices == YES_NO:
             kept = {a: s for a, s in scores.items() if a in YES_NO}
         else:
-            kept = {a: s for a, s in scores.items() if any(a and (a in c or c in a) for c in choices)}
+            kept = {a: s for a, s in scores.items() if any(_overlaps(a, c) for c in choices)}
             if not kept:  # an option nobody answered: the first named one
                 kept = {choices[0]: 1e-6}
     else:
         kept = {a: s for a, s in scores.items() if a not in YES_NO}
     return kept or scores
+
+
+def _overlaps(answer: str, option: str) -> bool:
+    """An answer matches an option when the words of one hold the words of the other."""
+    a, o = set(answer.split()), set(option.split())
+    return bool(a and o) and (a <= o or o <= a)
 
 
 def top(scores: dict[str, float], n: int = 10) -> dict[str, float]:

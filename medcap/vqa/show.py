@@ -51,3 +51,30 @@ def finish_vqa(pipe: Any) -> None:
     for s in pipe.history:
         if s.stage == "submit-answers" and s.artifact.is_file():
             click.echo(f"\nsubmitted: {relpath(s.artifact)} (+ {relpath(s.artifact.with_suffix('.csv'))})")
+
+
+def evaluate_vqa(cfg: Any, splits: list[str], names: list[str], command: str) -> None:
+    """``medcap evaluate`` of a VQA run: score every answer set whose answers are up to date, print the table."""
+    from medcap.cli.show import history
+    from medcap.pipeline import Pipeline
+    from medcap.vqa.stages import answer_need, answer_sets, has_answers
+
+    pipe = Pipeline(cfg)
+    unknown = [n for n in names if n not in answer_sets(pipe)]
+    if unknown:
+        raise ValueError(f"no answer set(s) {unknown}; have {answer_sets(pipe)}")
+    with pipe.session(command):
+        pipe.allowed = {"evaluate-answers"}
+        for split in splits or cfg.data.query_splits:
+            if not has_answers(pipe, split):
+                click.echo(f"  skipped {split}: no reference answers")
+                continue
+            for name in names or answer_sets(pipe):
+                if pipe.fresh(*answer_need(pipe, name, split)):
+                    pipe.make("evaluate-answers", name, split)
+                else:
+                    click.echo(f"  skipped {name} on {split}: its answers are missing or out of date")
+    history(pipe)
+    rows = [r for r in current_scores(pipe) if not splits or r["split"] in splits]
+    if rows:
+        click.echo("\n" + score_table(rows))

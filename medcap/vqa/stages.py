@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from medcap.files import read_jsonl, write_atomic, write_json
 from medcap.keys import key_settings
 from medcap.pipeline import Stage
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from medcap.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+ANSWER_VERSION = 2  # the answer logic shared by every kind (restriction to yes/no or named options): in keys
 
 
 def answerers(pipe: Pipeline) -> dict[str, Any]:
@@ -79,6 +83,9 @@ class Questions(Stage):
     def path(self, pipe: Pipeline, split: str) -> Path:
         return pipe.run.root / "questions" / f"{safe_name(split)}.npy"
 
+    def needs(self, pipe: Pipeline, split: str) -> list[tuple]:
+        return [("questions", p) for p in pipe.parents(split)]  # a fold or a union: rows of its parents' vectors
+
     def settings(self, pipe: Pipeline, split: str) -> Any:
         from medcap.vqa.data import questions_key
 
@@ -89,7 +96,16 @@ class Questions(Stage):
         from medcap.vqa.features import encode_questions, save_vectors
 
         qs = split_questions(pipe, split).questions
-        vecs = encode_questions([q.question for q in qs], pipe.cfg.vqa.question_encoder)
+        if pipe.parents(split):
+            from medcap.vqa.features import load_vectors
+
+            rows = {}
+            for p in pipe.parents(split):
+                ids, vecs = load_vectors(pipe.path("questions", p))
+                rows.update(zip(ids, vecs, strict=True))
+            vecs = np.stack([rows[q.qid] for q in qs]) if qs else np.zeros((0, 1), np.float32)
+        else:
+            vecs = encode_questions([q.question for q in qs], pipe.cfg.vqa.question_encoder)
         save_vectors(out, [q.qid for q in qs], vecs)
         Manifest(self.name, key, complete=True, count=len(qs)).write(out)
 
@@ -133,7 +149,7 @@ class Answer(Stage):
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
         a = answerers(pipe)[name]
-        return _kind(a).settings(pipe, a), pipe.cfg.vqa.use_answer_type, pipe.cfg.seed
+        return _kind(a).settings(pipe, a), pipe.cfg.vqa.use_answer_type, pipe.cfg.seed, ANSWER_VERSION
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
         a = answerers(pipe)[name]
@@ -160,7 +176,7 @@ class FuseAnswers(Stage):
         return [("answer", a, split) for a in self.inputs(pipe, name)] + [("questions", split)]
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
-        return key_settings(fusers(pipe)[name]), pipe.cfg.vqa.use_answer_type
+        return key_settings(fusers(pipe)[name]), pipe.cfg.vqa.use_answer_type, ANSWER_VERSION
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
         from medcap.vqa.data import split_questions
