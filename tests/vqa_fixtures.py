@@ -39,7 +39,7 @@ def vqa_rad(root: Path, n_images: int = 12, test_images: int = 4) -> Path:
                 rows.append(
                     {"qid": str(qid), "phrase_type": phrase, "image_name": f"synpic{1000 + i}.jpg",
                      "image_organ": "CHEST", "question": text, "answer": a_bright if bright else a_dark,
-                     "answer_type": atype + (" " if qid == 3 else ""), "question_type": ctype}
+                     "answer_type": atype + (" " if qid == 0 else ""), "question_type": ctype}
                 )  # fmt: skip
                 qid += 1
     root.mkdir(parents=True, exist_ok=True)

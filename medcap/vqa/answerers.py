@@ -180,6 +180,6 @@ KINDS = Registry(
         "prior": Prior(),
         "vote": Vote(),
         "classifier": Classifier(),
-        **dict.fromkeys(("llava", "qwen2_5_vl", "medgemma", "smolvlm"), "medcap.vqa.mllm:MLLM"),
+        **dict.fromkeys(("llava", "qwen2_5_vl", "medgemma", "smolvlm"), "medcap.vqa.mllm:MLLM_KIND"),
     },
 )

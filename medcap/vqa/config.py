@@ -16,9 +16,7 @@ from medcap.config import (
     EngineConfig,
     GenerationConfig,
     GeneratorConfig,
-    LoraConfig,
     RunConfig,
-    TrainConfig,
 )
 from medcap.configio import KindChoice
 from medcap.registry import Registry
@@ -83,7 +81,8 @@ class ClassifierConfig(AnswererConfig):
 @dataclass
 class MLLMAnswererConfig(AnswererConfig):
     """A multimodal LLM answering in VQA mode (every family), through the generators' engines and chat templates:
-    zero-shot, few-shot with the nearest (image, question) pairs' answers, or ``sft`` with a LoRA adapter."""
+    zero-shot, few-shot with the nearest (image, question) pairs' answers, or ``sft``: served with the LoRA adapter
+    ``adapter`` names (trained outside this run; medcap does not yet LoRA-tune in VQA mode)."""
 
     kind: str = "llava"
     model: str | None = None  # hub id or local path (default: the family's)
@@ -94,10 +93,10 @@ class MLLMAnswererConfig(AnswererConfig):
     max_pixels: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=16))
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self, where: str) -> None:
+        if self.mode == "sft" and not self.adapter:
+            raise ConfigError(f"{where}.adapter: mode sft needs a LoRA adapter folder (trained outside this run)")
         if self.mode not in ("zero-shot", "few-shot", "sft"):
             raise ConfigError(f"{where}.mode: {self.mode!r} is not one of ['few-shot', 'sft', 'zero-shot']")
         if "{question}" not in self.prompt:

@@ -92,3 +92,6 @@ class MLLM(AnswererKind):
             log.debug("%s: %d/%d questions answered", cfg.name, len(texts), len(query.questions))
         dists = [{_short(normalize(texts[q.qid]), q): 1.0} for q in query.questions]
         return rows_from(query, cfg, dists, pipe.cfg.vqa.use_answer_type)
+
+
+MLLM_KIND = MLLM()
