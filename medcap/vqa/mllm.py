@@ -53,10 +53,7 @@ class MLLM(AnswererKind):
         return key_settings(cfg), model_identity(cfg.model), model_identity(cfg.adapter), resolved(cfg.engine)
 
     def answer(self, pipe, cfg, split, model_dir):
-        from medcap.data import load_image
         from medcap.engines import make_engine
-        from medcap.engines.base import Request
-        from medcap.records import Example
 
         if cfg.mode == "sft" and not cfg.adapter:
             raise ValueError(f"vqa.answerers.{cfg.name}: mode sft needs adapter (a LoRA adapter folder)")
@@ -66,32 +63,40 @@ class MLLM(AnswererKind):
             for r, picked in enumerate(nearest_pairs(index, query, cfg.k, 1.0, 2.0)):
                 shots[r] = [(index.questions[i].question, index.questions[i].answer or "") for i, _ in picked]
         adapter = cfg.adapter if cfg.mode == "sft" else None
-        key = ("vqa-engine", cfg.kind, cfg.model, str(key_settings(cfg.engine)), cfg.max_pixels)
-        engine = pipe.resource(
-            key,
-            lambda: make_engine(
-                cfg.model, cfg.engine, family=cfg.kind, max_pixels=cfg.max_pixels, owner=f"vqa.answerers.{cfg.name}"
-            ),
+        engine = make_engine(  # one model at a time: closed when this answerer is done (vLLM takes the GPU)
+            cfg.model, cfg.engine, family=cfg.kind, max_pixels=cfg.max_pixels, owner=f"vqa.answerers.{cfg.name}"
         )
-        texts: dict[str, str] = {}
-        size = max(cfg.engine.batch_size, 1)
-        for start in range(0, len(query.questions), size):
-            chunk = list(enumerate(query.questions))[start : start + size]
-            requests = [
-                Request(
-                    id=q.qid,
-                    messages=vqa_messages(cfg.prompt, q.question, shots[r]),
-                    images=(load_image(Example(q.image_id, q.image)),),
-                    adapter=adapter,
-                    params=cfg.generation,
-                )
-                for r, q in chunk
-            ]
-            for req, comp in zip(requests, engine.generate(requests), strict=True):
-                texts[req.id] = clean_answer(comp.text)
-            log.debug("%s: %d/%d questions answered", cfg.name, len(texts), len(query.questions))
+        try:
+            texts = _generate(engine, cfg, query, shots, adapter)
+        finally:
+            engine.close()
         dists = [{_short(normalize(texts[q.qid]), q): 1.0} for q in query.questions]
         return rows_from(query, cfg, dists, pipe.cfg.vqa.use_answer_type)
+
+
+def _generate(engine: Any, cfg: Any, query: Any, shots: list, adapter: str | None) -> dict[str, str]:
+    from medcap.data import load_image
+    from medcap.engines.base import Request
+    from medcap.records import Example
+
+    texts: dict[str, str] = {}
+    size = max(cfg.engine.batch_size, 1)
+    for start in range(0, len(query.questions), size):
+        chunk = list(enumerate(query.questions))[start : start + size]
+        requests = [
+            Request(
+                id=q.qid,
+                messages=vqa_messages(cfg.prompt, q.question, shots[r]),
+                images=(load_image(Example(q.image_id, q.image)),),
+                adapter=adapter,
+                params=cfg.generation,
+            )
+            for r, q in chunk
+        ]
+        for req, comp in zip(requests, engine.generate(requests), strict=True):
+            texts[req.id] = clean_answer(comp.text)
+        log.debug("%s: %d/%d questions answered", cfg.name, len(texts), len(query.questions))
+    return texts
 
 
 MLLM_KIND = MLLM()

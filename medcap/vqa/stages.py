@@ -173,21 +173,32 @@ class FuseAnswers(Stage):
         return list(fusers(pipe)[name].candidates) or list(answerers(pipe))
 
     def needs(self, pipe: Pipeline, name: str, split: str) -> list[tuple]:
-        return [("answer", a, split) for a in self.inputs(pipe, name)] + [("questions", split)]
+        needs = [("answer", a, split) for a in self.inputs(pipe, name)] + [("questions", split)]
+        if fusers(pipe)[name].kind == "learned":  # its weights: fitted on the index split's own questions
+            index = pipe.cfg.data.index_split
+            needs += [("answer", a, index) for a in self.inputs(pipe, name)] + [("questions", index)]
+        return needs
 
     def settings(self, pipe: Pipeline, name: str, split: str) -> Any:
         return key_settings(fusers(pipe)[name]), pipe.cfg.vqa.use_answer_type, ANSWER_VERSION
 
     def make(self, pipe: Pipeline, out: Path, key: str, name: str, split: str) -> None:
         from medcap.vqa.data import split_questions
-        from medcap.vqa.fuse import fuse
+        from medcap.vqa.fuse import fit_weights, fuse
 
-        cfg = fusers(pipe)[name]
+        cfg, use = fusers(pipe)[name], pipe.cfg.vqa.use_answer_type
         per = {a: answers_of(pipe, a, split) for a in self.inputs(pipe, name)}
-        rows = fuse(cfg, split_questions(pipe, split).questions, per, pipe.cfg.vqa.use_answer_type)
+        weights, info = None, None
+        if cfg.kind == "learned":
+            index = pipe.cfg.data.index_split
+            on_index = {a: answers_of(pipe, a, index) for a in self.inputs(pipe, name)}
+            weights, accuracy = fit_weights(cfg.grid, split_questions(pipe, index).questions, on_index, use)
+            info = {"weights": weights, "index_accuracy": accuracy}
+            log.info("%s: weights %s (index accuracy %s)", name, weights, accuracy)
+        rows = fuse(cfg, split_questions(pipe, split).questions, per, use, weights)
         sink = ResumableJsonl(out, self.name, key)
         sink.write([r for r in rows if r["id"] not in sink.done])
-        sink.finish()
+        sink.finish(info)
 
 
 class EvaluateAnswers(Stage):
