@@ -91,8 +91,14 @@ def test_a_test_file_that_repeats_a_question_id_and_a_missing_split(tmp_path):
     rows[2]["answer"] = ""  # a split with answers needs every answer
     (root / "test.json").write_text(json.dumps(rows, indent=1))
     with pytest.raises(InputError, match="repeats the one at line") as e:
-        load_questions(data(root, "slake"), "test")
+        load_questions(data(root, "slake"), "test", training=True)
     assert "test.json:" in str(e.value) and "empty answer" in str(e.value)
+    rows[1]["qid"] = 999
+    (root / "test.json").write_text(json.dumps(rows, indent=1))
+    test = load_questions(data(root, "slake"), "test")  # a query split: answered, that question not scored
+    assert [q.answer for q in test.questions].count(None) == 1
+    with pytest.raises(InputError, match="empty answer"):  # training data needs every answer
+        load_questions(data(root, "slake", index_split="test"), "test")
     with pytest.raises(InputError, match="no such file"):
         load_questions(data(root, "slake"), "validate")
 

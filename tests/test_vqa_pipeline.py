@@ -2,6 +2,7 @@
 the Python API."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -111,3 +112,31 @@ def test_slake_layout_runs_with_its_test_json(tmp_path, tiny_clip, tiny_text):
     rows = (tmp_path / "runs" / "vqa-slake" / "submissions" / "fused.test.jsonl").read_text().splitlines()
     test = [r for r in json.loads((root / "test.json").read_text()) if r["q_lang"] == "en"]
     assert [json.loads(r)["qid"] for r in rows] == [r["qid"] for r in test]  # SLAKE's integer qids, as shipped
+
+
+@pytest.mark.parametrize("profile, make, fmt", [("vqa-rad-cpu", vqa_rad, "vqa-rad"), ("slake-cpu", slake, "slake")])
+def test_the_shipped_profiles_answer_an_official_test_split(tmp_path, tiny_clip, tiny_text, profile, make, fmt):
+    """The command the official test splits are scored with, on tiny models (the profiles' encoders swapped)."""
+    root = make(tmp_path / "full")
+    args = ["run", profile, "--set", f"data.root={root}", "--set", "data.query_splits=[test]"]
+    args += ["--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"retrieval.encoder.name={tiny_clip}"]
+    args += ["--set", f"vqa.question_encoder={tiny_text}", "--set", "vqa.bootstrap=20"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    cfg = load_config(Path(__file__).parents[1] / "medcap" / "profiles" / f"{profile}.yaml")
+    sub = tmp_path / "runs" / profile / "submissions" / f"{cfg.vqa.answer_set}.test.jsonl"
+    assert len(sub.read_text().splitlines()) == 16  # 4 test images x 4 questions, every qid
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (SHARED / "vqa-rad").is_dir(), reason="../shared/data/vqa-rad is not here")
+def test_vqa_rad_cpu_on_the_shared_data(tmp_path):
+    result = CliRunner().invoke(
+        main, ["run", "vqa-rad-cpu", "--set", f"data.root={SHARED / 'vqa-rad'}", "--set", f"runs_dir={tmp_path}"]
+    )
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "vqa-rad-cpu" / "scores" / "vote.train.json").read_text())
+    assert scores["n_closed"] + scores["n_open"] == 1797 and scores["means"]["closed_accuracy"] > 0.55

@@ -117,9 +117,9 @@ def _vqarad(root: Path) -> tuple[list[tuple[str, int | None, dict[str, Any]]], l
     out = []
     for line, r in rows:
         phrase = _text(r.get("phrase_type")).lower()
-        split = VQARAD_SPLITS.get(phrase)
+        split = VQARAD_SPLITS.get(phrase) or ("test" if phrase.startswith("test") else "train" if phrase else None)
         if split is None:
-            problems.append(Problem(str(path), line, f"unknown phrase_type {r.get('phrase_type')!r}"))
+            problems.append(Problem(str(path), line, "no phrase_type (freeform, para, test_freeform or test_para)"))
             continue
         name = _text(r.get("image_name"))
         rec = {
@@ -222,10 +222,13 @@ def image_id(name: str) -> str:
     return p.parent.name if p.stem == "source" and p.parent.name else p.stem
 
 
-def load_questions(cfg: DataConfig, split: str) -> QuestionSplit:
-    """Read one split (``A+B``: a union); raise an InputError listing every problem."""
+def load_questions(cfg: DataConfig, split: str, training: bool | None = None) -> QuestionSplit:
+    """Read one split (``A+B``: a union); raise an InputError listing every problem. ``training`` (default: the
+    split is part of ``cfg.index_split``): every question needs an answer; else one without is answered, not scored."""
+    if training is None:
+        training = set(split.split("+")) <= set(cfg.index_split.split("+"))
     if "+" in split:
-        parts = [load_questions(cfg, s) for s in split.split("+")]
+        parts = [load_questions(cfg, s, training) for s in split.split("+")]
         seen: dict[str, str] = {}
         problems = []
         for part in parts:
@@ -247,7 +250,7 @@ def load_questions(cfg: DataConfig, split: str) -> QuestionSplit:
             [Problem(str(path), None, f"no questions of split {split!r}")],
             f"split {split!r} is not in {cfg.root} (splits: {have})",
         )
-    needs_answer = any(_text(rec.get("answer")) for _, rec in mine)  # a split shipped with answers: all need one
+    needs_answer = training
     out, seen = [], {}
     for line, rec in mine:
         where = f"{path}:{line}" if line is not None else str(path)

@@ -60,8 +60,7 @@ def answers_of(pipe: Pipeline, name: str, split: str) -> dict[str, dict[str, Any
 def has_answers(pipe: Pipeline, split: str) -> bool:
     from medcap.vqa.data import split_questions
 
-    qs = split_questions(pipe, split).questions
-    return bool(qs) and all(q.answer is not None for q in qs)
+    return any(q.answer is not None for q in split_questions(pipe, split).questions)
 
 
 def _kind(cfg: Any) -> Any:
@@ -226,6 +225,7 @@ class EvaluateAnswers(Stage):
             {"qid": q.qid, "image_id": q.image_id, "answer_type": q.answer_type, "content_type": q.content_type,
              "question": q.question, "answer": answers.get(q.qid, {}).get("answer", ""), "reference": q.answer}
             for q in split_questions(pipe, split).questions
+            if q.answer is not None  # a question shipped without an answer is answered, not scored
         ]  # fmt: skip
         result = summarise(rows, pipe.cfg.vqa.bootstrap, pipe.cfg.seed)
         result.update({"task": "vqa", "answer_set": name, "split": split})
