@@ -118,3 +118,16 @@ def test_run_config_task_and_format_choices(tmp_path):
     with pytest.raises(ConfigError, match="task"):
         load_config(path)
     assert load_config(None).task == "caption"
+
+
+def test_data_check_names_problems_of_a_vqa_set(tmp_path):
+    from click.testing import CliRunner
+
+    from medcap.cli import main
+
+    root = vqa_rad(tmp_path / "rad", n_images=2, test_images=1)
+    result = CliRunner().invoke(main, ["data", "check", str(root), "--format", "vqa-rad"])
+    assert result.exit_code == 0 and "train: 16 questions, test: 4 questions" in result.output
+    (root / "VQA_RAD Image Folder" / "synpic1001.jpg").unlink()
+    result = CliRunner().invoke(main, ["data", "check", str(root), "--format", "vqa-rad"])
+    assert result.exit_code == 1 and "'synpic1001.jpg' not found" in result.output and ".json:" in result.output

@@ -20,7 +20,11 @@ def data() -> None:
 @data.command("check")
 @click.argument("data_dir")
 @click.option(
-    "--format", "fmt", default="imageclef", show_default=True, type=click.Choice(["imageclef", "manifest", "hf"])
+    "--format",
+    "fmt",
+    default="imageclef",
+    show_default=True,
+    type=click.Choice(["imageclef", "manifest", "hf", "vqa-rad", "slake", "vqa-manifest"]),
 )
 @click.option("--split", "splits", multiple=True, help="Split(s) to check (default: all found).")
 @click.option("--group-column", default="case_id", show_default=True, help="metadata.csv column naming the case.")
@@ -34,6 +38,18 @@ def data_check(data_dir: str, fmt: str, splits: tuple[str, ...], group_column: s
     from medcap.data import check_dataset, list_splits
     from medcap.preflight import id_problems
 
+    if fmt in ("vqa-rad", "slake", "vqa-manifest"):  # question-answer data (medcap/vqa/data.py)
+        from medcap.vqa.data import check_vqa
+
+        vqa_format = "manifest" if fmt == "vqa-manifest" else fmt
+        problems, counts = check_vqa(DataConfig(root=data_dir, format=vqa_format), list(splits))
+        for p in problems:
+            click.echo(str(p))
+        if problems:
+            click.echo(f"{len(problems)} problem(s) in {data_dir}", err=True)
+            sys.exit(1)
+        click.echo(f"{data_dir}: OK ({', '.join(f'{s}: {n} questions' for s, n in counts.items())})")
+        return
     cfg = DataConfig(root=data_dir, format=fmt, group_column=group_column or None)
     if image_dirs:
         cfg.image_dirs = list(image_dirs)

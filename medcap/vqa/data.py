@@ -318,3 +318,15 @@ def questions_key(pipe: Pipeline, split: str) -> str:
 
     rows = [(q.qid, q.image_id, q.question, q.answer, q.answer_type) for q in split_questions(pipe, split).questions]
     return config_hash("vqa-questions", rows, pipe.data_key(split))
+
+
+def check_vqa(cfg: DataConfig, splits: list[str] | None = None) -> tuple[list[Problem], dict[str, int]]:
+    """``medcap data check --format vqa-rad|slake|vqa-manifest``: every problem of every split (each split read as
+    training data except ``test``), and the questions each split holds."""
+    problems, counts = [], {}
+    for split in splits or list_vqa_splits(cfg):
+        try:
+            counts[split] = len(load_questions(cfg, split, training=split != "test").questions)
+        except InputError as e:
+            problems += e.problems
+    return problems, counts
