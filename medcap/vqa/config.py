@@ -106,11 +106,11 @@ class MLLMAnswererConfig(AnswererConfig):
 @dataclass
 class AnswerFuserConfig:
     """Combines answerers: a weighted vote over their answer distributions (``fuse.py``). ``vote``: the weights
-    given (by answerer; missing: 1); ``learned``: weights for closed and open questions chosen from ``grid`` on
+    given (by answerer; missing: 1); ``mbr``: the same weights, the answer of highest expected token F1; ``learned``: weights for closed and open questions chosen from ``grid`` on
     the index split's questions, each answered without its own image."""
 
     name: str = "fused"
-    kind: str = "vote"  # vote | learned
+    kind: str = "vote"  # vote | mbr (expected token F1 over the weighted answers) | learned
     candidates: list[str] = field(default_factory=list)  # answerers it reads; empty: all
     weights: dict[str, float] = field(default_factory=dict)  # vote
     closed_weights: dict[str, float] = field(default_factory=dict)  # vote: for closed questions (default: weights)
@@ -145,8 +145,8 @@ class VQARunConfig(RunConfig):
             raise ConfigError(f"vqa.answerers and vqa.fusers: names must be unique, got {names}")
         answerers = {a.name for a in self.vqa.answerers}
         for f in self.vqa.fusers:
-            if f.kind not in ("vote", "learned"):
-                raise ConfigError(f"vqa.fusers.{f.name}.kind: {f.kind!r} is not one of ['learned', 'vote']")
+            if f.kind not in ("vote", "mbr", "learned"):
+                raise ConfigError(f"vqa.fusers.{f.name}.kind: {f.kind!r} is not one of ['learned', 'mbr', 'vote']")
             unknown = [c for c in [*f.candidates, *f.weights, *f.closed_weights] if c not in answerers]
             if unknown:
                 raise ConfigError(f"vqa.fusers.{f.name}: {unknown} name no answerer of this config")

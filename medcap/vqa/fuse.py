@@ -2,7 +2,8 @@
 
 ``vote``: each answerer's ``scores`` (normalised answers summing to 1) are added with its weight
 (``weights``; ``closed_weights`` for closed questions), the sum is kept to what the question's answer type
-allows, and the best answer wins. ``learned``: the same vote, its weights for closed and for open questions
+allows, and the best answer wins. ``mbr``: the same sum, then the answer with the highest expected token F1
+against all the weighted answers (minimum Bayes risk: a consensus of the answerers' wordings). ``learned``: the same vote, its weights for closed and for open questions
 chosen from ``grid`` by accuracy on the index split's own questions, each answered without its own image
 (cross-fitted), so no weight is fitted on an answer that saw its question.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from medcap.vqa.data import Question
 from medcap.vqa.features import answer_type, restrict, top
+from medcap.vqa.metrics import scores_one
 from medcap.vqa.normalize import normalize
 
 
@@ -44,7 +46,10 @@ def fuse(
                 continue
             for a, s in (row.get("scores") or {row["answer"]: 1.0}).items():
                 total[a] += w * float(s)
-        scores = top(restrict(dict(total), q.question, atype)) if total else {"": 1.0}
+        kept = restrict(dict(total), q.question, atype) if total else {"": 1.0}
+        if cfg.kind == "mbr" and len(kept) > 1:
+            kept = {c: sum(w * scores_one(c, h)["f1"] for h, w in kept.items()) + 1e-9 for c in kept}
+        scores = top(kept)
         out.append(
             {"id": q.qid, "qid": q.raw_qid, "image": q.image_id, "answer": next(iter(scores)), "answerer": cfg.name,
              "scores": scores}
