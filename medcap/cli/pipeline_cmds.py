@@ -76,6 +76,8 @@ def run_cmd(
     """Run the whole pipeline of CONFIG, cached and resumable.
 
     Stages: embed, index, retrieve, train, generate, synthesize, pool, train-fuser, fuse, evaluate, submit.
+    A VQA config (task: vqa): embed, questions, train-answerer, answer, fuse-answers, evaluate-answers,
+    submit-answers (docs/vqa.md).
     """
     pipe = pipeline_of(config, overrides, limit)
     if pipe.cfg.task == "vqa":  # the second task: its own checks and summary (medcap/vqa/)
