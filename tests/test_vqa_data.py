@@ -131,3 +131,20 @@ def test_data_check_names_problems_of_a_vqa_set(tmp_path):
     (root / "VQA_RAD Image Folder" / "synpic1001.jpg").unlink()
     result = CliRunner().invoke(main, ["data", "check", str(root), "--format", "vqa-rad"])
     assert result.exit_code == 1 and "'synpic1001.jpg' not found" in result.output and ".json:" in result.output
+
+
+def test_a_run_stops_on_bad_input_before_any_model_loads(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+    from vqa_fixtures import vqa_config
+
+    from medcap.cli import main
+
+    root = vqa_rad(tmp_path / "rad", n_images=2, test_images=1)
+    (root / "VQA_RAD Image Folder" / "synpic1001.jpg").unlink()
+    path = tmp_path / "c.yaml"  # models that do not exist: nothing may try to load them
+    path.write_text(yaml.safe_dump(vqa_config(tmp_path, root, "vqa-rad", "local-dir:/nonexistent", "/nonexistent")))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code != 0
+    assert "VQA_RAD Dataset Public.json:" in result.output and "'synpic1001.jpg' not found" in result.output
+    assert not (tmp_path / "runs" / "vqa-vqa-rad" / "embeddings").exists()

@@ -3,6 +3,7 @@ problem), the query splits are answerable, the models the answerers name are the
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 from medcap.data.problems import InputError
@@ -36,5 +37,12 @@ def preflight(pipe: Pipeline, stages: list[str]) -> Report:
                     report.add(f"vqa.answerers.{a.name}.{attr}", True, where)
                 except (ModelNotFoundError, FileNotFoundError, ValueError, OSError) as e:
                     report.add(f"vqa.answerers.{a.name}.{attr}", False, str(e))
+        engine = getattr(a, "engine", None)
+        if engine is not None and engine.kind == "vllm" and importlib.util.find_spec("vllm") is None:
+            report.add(
+                f"vqa.answerers.{a.name}.engine",
+                False,
+                "kind vllm, but vLLM is not installed: pip install 'medcap[vllm]'",
+            )
     check_disk(pipe, report)
     return report
