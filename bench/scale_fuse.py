@@ -21,7 +21,8 @@ The data (not timed, no image is decoded):
   1x1 JPEG (the data layer checks that they exist; ``data.verify_images: false``).
 
 The run is the ``medpix-cpu`` profile (caption-space retrieval, k = 200, its generators ``nearest`` and
-``consensus``, its fusers ``mbr-neighbours``, ``mbr-pool`` and ``ranker``) plus ``mbr-exact``, pool-MBR
+``consensus``, its fusers ``mbr-neighbours`` and ``mbr-pool``), the learned ``ranker`` on ``mbr-pool``'s
+settings (``top: 32``, as ``docs/experiments/medpix-learned.yaml``), and ``mbr-exact``, pool-MBR
 with ``shortlist: null`` (the exact, quadratic baseline, only at sizes up to ``--exact-max``), scored with
 BERTScore (MiniLM) and ROUGE-1 (``evaluate``) and submitted (``submit``, 2024 rules): both of the submitted
 caption set, ``mbr-pool``. ``--set`` overrides its config as ``medcap run --set`` does.
@@ -222,6 +223,9 @@ def profile_config(root: Path, data_root: Path, n: int, overrides: list[str]) ->
     cfg["generators"] = [g for g in cfg["generators"] if g["kind"] in ("nearest", "consensus")]
     mbr_pool = next(f for f in cfg["fusers"] if f["name"] == "mbr-pool")
     cfg["fusers"].append({**mbr_pool, "name": "mbr-exact", "shortlist": None})
+    if not any(f["name"] == "ranker" for f in cfg["fusers"]):  # the profile left it out (docs/results.md)
+        ranker = {k: v for k, v in mbr_pool.items() if k not in ("name", "kind", "pool")}
+        cfg["fusers"].append({**ranker, "name": "ranker", "kind": "ranker", "top": 32})
     cfg["eval"]["metrics"] = ["bertscore", "rouge1"]
     cfg["submit"]["caption_set"] = "mbr-pool"
     return apply_overrides(cfg, overrides)
