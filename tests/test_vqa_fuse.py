@@ -43,3 +43,16 @@ def test_learned_weights_pick_the_answerer_that_is_right():
     assert accuracy["CLOSED"] == 1.0 and weights["CLOSED"]["good"] > weights["CLOSED"]["bad"]
     fused = fuse(AnswerFuserConfig("f", "learned"), qs, per, True, weights)
     assert [r["answer"] for r in fused] == [x.answer for x in qs]
+
+
+def test_learned_fuser_on_its_own_index_split_is_cross_fitted():
+    from medcap.vqa.stages import _crossfit_fuse
+
+    qs = [q(str(i), "Is there a mass?", "yes" if i % 2 else "no", "CLOSED") for i in range(20)]
+    per = {
+        "good": {x.qid: row(x.qid, {x.answer: 0.6, "no" if x.answer == "yes" else "yes": 0.4}) for x in qs},
+        "bad": {x.qid: row(x.qid, {"yes": 0.9, "no": 0.1}) for x in qs},
+    }
+    rows = _crossfit_fuse(AnswerFuserConfig("f", "learned"), qs, per, qs, per, True, seed=0)
+    assert [r["id"] for r in rows] == [x.qid for x in qs]
+    assert [r["answer"] for r in rows] == [x.answer for x in qs]  # every fold's weights favour the good answerer

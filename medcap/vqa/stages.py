@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ANSWER_VERSION = 2  # the answer logic shared by every kind (restriction to yes/no or named options): in keys
+ANSWER_VERSION = 3  # the answer logic shared by every kind (restriction to yes/no or named options): in keys
 
 
 def answerers(pipe: Pipeline) -> dict[str, Any]:
@@ -187,17 +187,43 @@ class FuseAnswers(Stage):
 
         cfg, use = fusers(pipe)[name], pipe.cfg.vqa.use_answer_type
         per = {a: answers_of(pipe, a, split) for a in self.inputs(pipe, name)}
-        weights, info = None, None
-        if cfg.kind == "learned":
+        questions = split_questions(pipe, split).questions
+        info = None
+        if cfg.kind != "learned":
+            rows = fuse(cfg, questions, per, use)
+        else:
             index = pipe.cfg.data.index_split
             on_index = {a: answers_of(pipe, a, index) for a in self.inputs(pipe, name)}
-            weights, accuracy = fit_weights(cfg.grid, split_questions(pipe, index).questions, on_index, use)
+            train = split_questions(pipe, index).questions
+            weights, accuracy = fit_weights(cfg.grid, train, on_index, use)
             info = {"weights": weights, "index_accuracy": accuracy}
             log.info("%s: weights %s (index accuracy %s)", name, weights, accuracy)
-        rows = fuse(cfg, split_questions(pipe, split).questions, per, use, weights)
+            inside = {q.qid for q in train}
+            if any(q.qid in inside for q in questions):  # training questions: weights fitted without their image
+                rows = _crossfit_fuse(cfg, questions, per, train, on_index, use, pipe.cfg.seed)
+                info["crossfit"] = "5 folds by image"
+            else:
+                rows = fuse(cfg, questions, per, use, weights)
         sink = ResumableJsonl(out, self.name, key)
         sink.write([r for r in rows if r["id"] not in sink.done])
         sink.finish(info)
+
+
+def _crossfit_fuse(cfg: Any, questions: list, per: dict, train: list, on_index: dict, use: bool, seed: int) -> list:
+    """The learned fuser on questions of its own index split: each image fold fused with weights fitted on the
+    other folds' questions, so no weight is chosen on the question it answers."""
+    from medcap.data.folds import group_folds
+    from medcap.records import Example
+    from medcap.vqa.fuse import fit_weights, fuse
+
+    images = list(dict.fromkeys(q.image_id for q in questions))
+    folds = group_folds([(Example(i, None), None) for i in images], min(5, len(images)), seed)
+    rows: dict[str, dict] = {}
+    for held in map(set, folds):
+        weights, _ = fit_weights(cfg.grid, [q for q in train if q.image_id not in held], on_index, use)
+        part = [q for q in questions if q.image_id in held]
+        rows.update((r["id"], r) for r in fuse(cfg, part, per, use, weights))
+    return [rows[q.qid] for q in questions]
 
 
 class EvaluateAnswers(Stage):
