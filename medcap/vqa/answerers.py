@@ -20,7 +20,7 @@ import numpy as np
 
 from medcap.keys import key_settings
 from medcap.registry import Registry
-from medcap.vqa.features import Split, answer_type, load_split, restrict, top
+from medcap.vqa.features import Split, answer_row, answer_type, load_split, restrict
 from medcap.vqa.normalize import normalize
 
 if TYPE_CHECKING:
@@ -52,11 +52,7 @@ def rows_from(sp: Split, cfg: AnswererConfig, dists: list[dict[str, float]], use
     out = []
     for q, dist in zip(sp.questions, dists, strict=True):
         kept = restrict(dist, q.question, answer_type(q, use_type)) if dist else {"": 1.0}
-        scores = top(kept)
-        out.append(
-            {"id": q.qid, "qid": q.raw_qid, "image": q.image_id, "answer": next(iter(scores)), "answerer": cfg.name,
-             "scores": scores}
-        )  # fmt: skip
+        out.append(answer_row(q, kept, cfg.name))
     return out
 
 

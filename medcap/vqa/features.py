@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -125,6 +125,13 @@ def top(scores: dict[str, float], n: int = 10) -> dict[str, float]:
     best = sorted(scores.items(), key=lambda x: -x[1])[:n]
     total = sum(s for _, s in best) or 1.0
     return {a: round(s / total, 6) for a, s in best}
+
+
+def answer_row(q: Question, kept: dict[str, float], name: str) -> dict[str, Any]:
+    """One question's answer row: its best answer and the ``top`` of its distribution."""
+    scores = top(kept)
+    return {"id": q.qid, "qid": q.raw_qid, "image": q.image_id, "answer": next(iter(scores)), "answerer": name,
+            "scores": scores}  # fmt: skip
 
 
 def majority(answers: list[str]) -> str:

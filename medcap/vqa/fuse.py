@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from medcap.vqa.data import Question
-from medcap.vqa.features import answer_type, restrict, top
+from medcap.vqa.features import answer_row, answer_type, restrict
 from medcap.vqa.metrics import scores_one
 from medcap.vqa.normalize import normalize
 
@@ -49,11 +49,7 @@ def fuse(
         kept = restrict(dict(total), q.question, atype) if total else {"": 1.0}
         if cfg.kind == "mbr" and len(kept) > 1:
             kept = {c: sum(w * scores_one(c, h)["f1"] for h, w in kept.items()) + 1e-9 for c in kept}
-        scores = top(kept)
-        out.append(
-            {"id": q.qid, "qid": q.raw_qid, "image": q.image_id, "answer": next(iter(scores)), "answerer": cfg.name,
-             "scores": scores}
-        )  # fmt: skip
+        out.append(answer_row(q, kept, cfg.name))
     return out
 
 
