@@ -14,6 +14,7 @@ import yaml
 
 from medcap.configio import ConfigError, KindChoice, apply_overrides, config_hash, deep_update, from_dict, to_dict
 from medcap.registry import Registry
+from medcap.tasks import CONFIGS, task_class
 
 __all__ = ["ConfigError", "RunConfig", "apply_overrides", "config_hash", "dump_config", "from_dict", "load_config"]
 
@@ -314,9 +315,7 @@ class AblationConfig:
 @dataclass
 class RunConfig:
     # ``task: vqa`` in a YAML file picks a subclass with that field (``TASKS``); a caption run has none.
-    TASKS: ClassVar[Registry] = Registry(
-        "task", {"caption": "medcap.config:RunConfig", "vqa": "medcap.vqa.config:VQARunConfig"}
-    )
+    TASKS: ClassVar[Registry] = CONFIGS
     DATA_FORMATS: ClassVar[tuple[str, ...]] = ("imageclef", "manifest", "hf")
     task: ClassVar[str] = "caption"
 
@@ -364,21 +363,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         raise ConfigError(f"{path or 'defaults'}: {e}") from e
     check_config(cfg)
     return cfg
-
-
-def task_class(data: dict[str, Any]) -> type:
-    """The run config class of ``data``'s ``task`` (caption: ``RunConfig``; vqa: ``VQARunConfig``); a caption
-    config's ``task: caption`` key is dropped."""
-    task = data.get("task", "caption")
-    if not isinstance(task, str):
-        raise ConfigError(f"task: expected a task name, got {task!r}")
-    try:
-        cls = RunConfig.TASKS.get(task)
-    except ValueError as e:
-        raise ConfigError(f"task: {e}") from None
-    if task == "caption":
-        data.pop("task", None)
-    return cls
 
 
 def _materialise(data: dict[str, Any], cls: type | None = None) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from vqa_fixtures import vqa_config, vqa_rad
 from medcap.config import RunConfig
 from medcap.configio import KindChoice, from_dict
 from medcap.keys import no_effect
-from medcap.pipeline import VQA_STAGES, Pipeline, get_stage
+from medcap.pipeline import Pipeline, get_stage
+from medcap.tasks import VQA_STAGES
 
 EXPECT = [
     (r"^vqa\.question_encoder$", {"questions"}),

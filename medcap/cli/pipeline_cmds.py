@@ -11,7 +11,7 @@ import click
 
 from medcap.cli.common import config_argument, config_option, load, main, output_option, user_errors, verbosity
 from medcap.cli.show import history, plan, relpath, scores
-from medcap.pipeline import all_stages
+from medcap.tasks import all_stages
 
 
 def _command() -> str:

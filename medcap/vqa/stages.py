@@ -1,4 +1,4 @@
-"""The VQA task's stages, registered in ``pipeline.VQA_STAGES`` after the shared ``embed`` stage.
+"""The VQA task's stages, registered in ``tasks.VQA_STAGES`` after the shared ``embed`` stage.
 
 | stage | target | artifact |
 | --- | --- | --- |
