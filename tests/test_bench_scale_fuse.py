@@ -14,8 +14,8 @@ from medcap.files import read_jsonl
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "scale_fuse.py"
 
 
-def bench():
-    spec = importlib.util.spec_from_file_location("scale_fuse", SCRIPT)
+def bench(name: str = "scale_fuse"):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -61,7 +61,7 @@ def test_medpix_text_without_the_data_says_what_to_do(tmp_path, monkeypatch):
 def test_images_are_near_each_other_when_their_captions_share_a_region_and_sentences():
     import numpy as np
 
-    module = bench()
+    module = bench("roco_like")
     images, keys = module.make_cases(module.synthetic_bank(0), 400, 0, "i")
     v = module.embeddings(keys, 0, 0).astype(np.float32)
     assert v.shape == (400, module.DIM) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-2)
