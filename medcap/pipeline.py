@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,9 +281,11 @@ class Pipeline:
         path = self.make(*self.caption_need(name, split))
         return {c.id: c.caption for c in map(Candidate.from_json, read_jsonl(path))}
 
-    def neighbour_lists(self, split: str) -> dict[str, NeighbourList]:
-        path = self.make("retrieve", split)
-        return {row["id"]: NeighbourList.from_json(row) for row in read_jsonl(path)}
+    def neighbour_lists(self, split: str) -> Mapping[str, NeighbourList]:
+        """Each image's neighbours, read from the retrieve stage's file when looked up (never all in memory)."""
+        from medcap.retrieval.neighbour_file import NeighbourFile
+
+        return NeighbourFile(self.make("retrieve", split))
 
     # ------------------------------------------------------------------ whole run
     @property

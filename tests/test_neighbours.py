@@ -136,3 +136,27 @@ def test_neighbour_records_attach_caption_and_concepts():
     assert NeighbourList.from_json(records[0].to_json()) == records[0]
     with pytest.raises(KeyError, match="t9"):
         neighbour_records([[("t9", 0.1)]], ["q"], examples)
+
+
+def test_the_neighbour_file_reads_a_list_when_asked(tmp_path):
+    """NeighbourFile answers like the dict of every row, keeps offsets only, skips a torn last line and
+    refuses a malformed row in the middle, naming the file."""
+    import json
+
+    from medcap.records import Neighbour
+    from medcap.retrieval.neighbour_file import NeighbourFile
+
+    lists = [
+        NeighbourList(f'q"{i}', tuple(Neighbour(f"i{j}", 1.0 - j / 10, f"caption {i}.{j}", ("C1",)) for j in range(3)))
+        for i in range(5)
+    ]
+    path = tmp_path / "valid.jsonl"
+    path.write_text("".join(json.dumps(nl.to_json()) + "\n" for nl in lists) + '{"id": "torn", "neighb')
+    found = NeighbourFile(path)
+    assert list(found) == [nl.id for nl in lists] and len(found) == 5
+    assert all(found[nl.id] == nl for nl in lists)
+    assert found.get("torn") is None and "q\"3" in found and "nope" not in found
+    assert dict(found.items()) == {nl.id: nl for nl in lists}
+    path.write_text(json.dumps(lists[0].to_json()) + "\n{broken\n" + json.dumps(lists[1].to_json()) + "\n")
+    with pytest.raises(ValueError, match="valid.jsonl: a malformed row at byte"):
+        NeighbourFile(path)

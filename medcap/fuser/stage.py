@@ -146,16 +146,12 @@ class Fuse(Stage):
         sink = ResumableJsonl(
             out, "fuse", key, inputs=tuple(str(pipe.path(*pipe.caption_need(i, split))) for i in inputs)
         )
-        todo = [
-            (ex.id, candidates[ex.id], neighbours.get(ex.id))
-            for ex in pipe.split(split).examples
-            if ex.id not in sink.done
-        ]
+        todo = [ex.id for ex in pipe.split(split).examples if ex.id not in sink.done]
         if todo:
             fuse = kind.build(pipe, cfg, split)
             try:
-                for batch in batched(todo, BATCH):
-                    sink.write([c.to_json() for c in fuse(batch)])
+                for batch in batched(todo, BATCH):  # neighbours read a batch at a time: never all in memory
+                    sink.write([c.to_json() for c in fuse([(i, candidates[i], neighbours.get(i)) for i in batch])])
             finally:
                 close = getattr(fuse, "close", None)
                 if close is not None:

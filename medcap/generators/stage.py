@@ -29,7 +29,10 @@ from medcap.pipeline import Stage
 from medcap.runs import Manifest, ResumableJsonl, is_fresh, start_folder
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from medcap.pipeline import Pipeline
+    from medcap.records import Example, NeighbourList
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +149,16 @@ class Generate(Stage):
         for fold, (model_dir, ids) in enumerate(plan):
             wanted = set(ids) if ids is not None else None
             todo = [
-                (ex, neighbours.get(ex.id))
+                ex
                 for ex in pipe.split(split).examples
                 if ex.id not in sink.done and (wanted is None or ex.id in wanted)
             ]
             if todo:
                 generate = kind.build(pipe, cfg, split, model_dir)
                 write_batches(
-                    generate, todo, sink, kind.chunk(cfg), f"generate {name}/{split}", fold if crossfit else None
-                )
+                    generate, todo, neighbours, sink, kind.chunk(cfg), f"generate {name}/{split}",
+                    fold if crossfit else None,
+                )  # fmt: skip
         sink.finish(info={"folds": cfg.folds} if crossfit else None)
 
 
@@ -181,11 +185,14 @@ def fold_models(pipe: Pipeline, cfg: GeneratorConfig) -> list[tuple[Path, list[s
     return models
 
 
-def write_batches(generate, todo: list[Item], sink: ResumableJsonl, size: int, desc: str, fold: int | None) -> None:
-    """Run a built generator over ``todo`` a batch at a time, appending each batch to ``sink``."""
+def write_batches(
+    generate, todo: list[Example], neighbours: Mapping[str, NeighbourList], sink: ResumableJsonl, size: int,
+    desc: str, fold: int | None,
+) -> None:  # fmt: skip
+    """Run a built generator over ``todo`` a batch at a time (neighbours read per batch), appending to ``sink``."""
     try:
         for start in progress(range(0, len(todo), size), desc=desc, unit="batch"):
-            rows = [c.to_json() for c in generate(todo[start : start + size])]
+            rows = [c.to_json() for c in generate([(ex, neighbours.get(ex.id)) for ex in todo[start : start + size]])]
             if fold is not None:
                 for row in rows:
                     row["fold"] = fold
