@@ -1,15 +1,20 @@
-"""The pool-MBR BERTScore kernel on one image's work: its shortlist x its evidence, as ratios against the old way.
+"""The pool-MBR BERTScore kernel on many images' work (shortlist x evidence), as ratios against the old way.
 
-    python bench/pool_kernel.py [--hyps 64] [--refs 200] [--repeat 5] [--threads 1]
+    python bench/pool_kernel.py [--images 24] [--hyps 64] [--refs 200] [--threads 2]
 
-Texts get MedPix-like token counts (log-normal around 40 tokens, some past 150) and random unit token
-embeddings; each variant scores the same hypotheses against the same references with
-``eval.bertscore.match_tokens`` and is timed in CPU seconds (the best of ``--repeat``):
+Each image gets its own texts, with MedPix-like token counts (log-normal around 40 tokens, some past 150)
+and random unit token embeddings, as in a fuse where every image brings new lengths. Each variant runs in
+a fresh process (oneDNN keeps the products it compiled for the life of a process), scores every image's
+hypotheses against its references with ``eval.bertscore.match_tokens``, and is timed in wall and CPU
+seconds over all images, after one warm-up image:
 
 - **baseline**: fixed blocks of 64 hypotheses x 128 references in length order, each padded to its longest
   text, the maxima taken on the kernel's own dtype (medcap before 0.2);
-- **length bands**: blocks whose longest text is at most 1.25x + 4 tokens its shortest (``pool_score._chunks``);
-- **length bands + fp32 max**: the block's similarities converted to fp32 before the maxima (``match_tokens``).
+- **length bands**: blocks whose longest text is at most 1.25x + 4 tokens its shortest (``pool_score._chunks``),
+  the block's similarities converted to fp32 before the maxima;
+- **+ fixed shapes**: blocks padded to 8 texts x 8 tokens (``pool_score._prepared``): bf16 products on
+  oneDNN are compiled once per shape, and free shapes compiled on nearly every block;
+- **+ 8-text blocks** (medcap): 8 hypotheses per block (``HYP_CHUNK``): the similarity block stays in cache.
 
 Run in fp32 and bf16 (bf16 is what ``precision: auto`` picks on CUDA and on CPUs with AMX). The scores of
 every variant are checked against the baseline's.
@@ -18,6 +23,8 @@ every variant are checked against the baseline's.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,62 +61,97 @@ def old_match(hyp, ref):
     return torch.nan_to_num(2 * p * rec / (p + rec), nan=0.0)
 
 
-def score(hyp, ref, dtype, chunker, match) -> np.ndarray:
+def prepare(emb, w, lengths, side, dtype, fixed: bool):
+    from medcap.eval.bertscore import prepare_tokens
+    from medcap.fuser.pool_score import _prepared
+
+    if fixed:
+        return _prepared(emb, w, lengths, side, dtype)
+    width = int(lengths.max())
+    return prepare_tokens(np.ascontiguousarray(emb[:, :width]), w[:, :width], lengths, side, dtype)
+
+
+def score(hyp, ref, dtype, variant: dict) -> np.ndarray:
     import torch
 
-    from medcap.eval.bertscore import prepare_tokens
-
     (h, hw, hl), (r, rw, rl) = hyp, ref
-    blocks = []
-    for idx in chunker(rl, 128):
-        w = int(rl[idx].max())
-        blocks.append((idx, prepare_tokens(np.ascontiguousarray(r[idx][:, :w]), rw[idx][:, :w], rl[idx], "ref", dtype)))
+    chunker, match = variant["chunker"], variant["match"]
+    blocks = [(idx, prepare(r[idx], rw[idx], rl[idx], "ref", dtype, variant["fixed"])) for idx in chunker(rl, 128)]
     out = np.zeros((len(hl), len(rl)))
     with torch.inference_mode():
-        for hidx in chunker(hl, 64):
-            w = int(hl[hidx].max())
-            p = prepare_tokens(np.ascontiguousarray(h[hidx][:, :w]), hw[hidx][:, :w], hl[hidx], "hyp", dtype)
+        for hidx in chunker(hl, variant["hyp_chunk"]):
+            p = prepare(h[hidx], hw[hidx], hl[hidx], "hyp", dtype, variant["fixed"])
             for ridx, b in blocks:
-                out[np.ix_(hidx, ridx)] = match(p, b).double().numpy()
+                out[np.ix_(hidx, ridx)] = match(p, b)[: len(hidx), : len(ridx)].double().numpy()
     return out
 
 
-def main() -> None:
+def variants() -> dict[str, dict]:
+    from medcap.eval.bertscore import match_tokens
+    from medcap.fuser.pool_score import HYP_CHUNK, _chunks
+
+    return {
+        "baseline: fixed blocks, max on the kernel dtype": dict(chunker=fixed_blocks, match=old_match, fixed=False, hyp_chunk=64),
+        "length bands, fp32 max": dict(chunker=_chunks, match=match_tokens, fixed=False, hyp_chunk=64),
+        "+ fixed shapes": dict(chunker=_chunks, match=match_tokens, fixed=True, hyp_chunk=64),
+        f"+ {HYP_CHUNK}-text blocks (medcap)": dict(chunker=_chunks, match=match_tokens, fixed=True, hyp_chunk=HYP_CHUNK),
+    }  # fmt: skip
+
+
+def child(args, name: str, dtype_name: str) -> dict:
+    """One variant in this process: wall and CPU seconds over the images after a warm-up; the scores' digest."""
     import torch
 
-    from medcap.eval.bertscore import match_tokens
-    from medcap.fuser.pool_score import _chunks
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hyps", type=int, default=64, help="hypotheses (pool-MBR's shortlist)")
-    ap.add_argument("--refs", type=int, default=200, help="references (the evidence: evidence_k)")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is counted over all)")
-    args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, dtype_name)
     rng = np.random.default_rng(0)
-    hyp, ref = texts(rng, args.hyps), texts(rng, args.refs)
-    variants = {
-        "baseline: fixed blocks, max on the kernel dtype": (fixed_blocks, old_match),
-        "length bands": (_chunks, old_match),
-        "length bands + fp32 max (medcap)": (_chunks, match_tokens),
-    }
+    images = [(texts(rng, args.hyps), texts(rng, args.refs)) for _ in range(args.images + 1)]
+    variant = variants()[name]
+    score(*images[0], dtype, variant)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = [score(h, r, dtype, variant) for h, r in images[1:]]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    np.save(args.scores, np.concatenate([o.ravel() for o in out]))
+    return {"wall": wall, "cpu": cpu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=24, help="images timed (each with its own texts)")
+    ap.add_argument("--hyps", type=int, default=64, help="hypotheses per image (pool-MBR's shortlist)")
+    ap.add_argument("--refs", type=int, default=200, help="references per image (the evidence: evidence_k)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (CPU time is counted over all)")
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scores", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args, *args.child)))
+        return
+    import tempfile
+
     print(
-        f"one image: {args.hyps} hypotheses x {args.refs} references, {args.threads} thread(s), best of {args.repeat}"
+        f"{args.images} images, each {args.hyps} hypotheses x {args.refs} references of its own lengths, "
+        f"{args.threads} thread(s)"
     )
-    print("\n| dtype | variant | CPU ms | vs baseline | max |Δ score| |\n| --- | --- | ---: | ---: | ---: |")
-    for dtype in (torch.float32, torch.bfloat16):
-        base_scores, base_time = None, None
-        for name, (chunker, match) in variants.items():
-            best, out = float("inf"), None
-            for _ in range(args.repeat):
-                start = time.process_time()
-                out = score(hyp, ref, dtype, chunker, match)
-                best = min(best, time.process_time() - start)
-            if base_scores is None:
-                base_scores, base_time = out, best
-            diff = float(np.abs(out - base_scores).max())
-            print(f"| {str(dtype).split('.')[-1]} | {name} | {best * 1e3:.0f} | {base_time / best:.2f}x | {diff:.1e} |")
+    print("\n| dtype | variant | ms per image (wall) | CPU ms | vs baseline (wall) | max |Δ score| |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("float32", "bfloat16"):
+            base = None
+            for k, name in enumerate(variants()):
+                path = Path(tmp) / f"{dtype}-{k}.npy"
+                cmd = [sys.executable, __file__, "--child", name, dtype, "--scores", str(path)]
+                cmd += ["--images", str(args.images), "--hyps", str(args.hyps), "--refs", str(args.refs)]
+                cmd += ["--threads", str(args.threads)]
+                r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                scores = np.load(path)
+                base = base or (r, scores)
+                diff = float(np.abs(scores - base[1]).max())
+                print(
+                    f"| {dtype} | {name} | {r['wall'] / args.images * 1e3:.0f} | {r['cpu'] / args.images * 1e3:.0f} | "
+                    f"{base[0]['wall'] / r['wall']:.2f}x | {diff:.1e} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -173,3 +173,23 @@ def test_a_candidate_outside_the_pool_competes_on_the_same_score(pool, scorer, t
     out2 = fuse([("q", {"gen": merged}, NeighbourList("q", (Neighbour("i2", 0.9, CAPTIONS[2][0]),)))])[0]
     assert out2.caption == CAPTIONS[2][0]  # the pool's exact match scores 1: nothing beats it
     assert out2.extra["score"] == pytest.approx(1.0, abs=TOL)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_kernel_pads_blocks_to_few_shapes_without_changing_a_score(pool, scorer, text_model, dtype, monkeypatch):
+    """Blocks padded to ROW_STEP texts x TOKEN_STEP tokens (few shapes for oneDNN to compile) score as the
+    unpadded greedy matching of every row against every reference, repeated references included."""
+    import torch
+
+    import medcap.fuser.pool_score as ps
+    from medcap.eval.bertscore import greedy_f1
+
+    monkeypatch.setattr(ps, "HYP_CHUNK", 3)  # blocks of at most 3 texts, each padded to 8
+    s = PoolScorer(pool, scorer, text_model, dtype=getattr(torch, dtype))
+    rows, refs = np.arange(len(pool)), np.array([0, 2, 4, 4, 1])
+    got = s.row_bs(rows, refs)
+    want = greedy_f1(*pool.padded(rows), *pool.padded(refs)).double().numpy()
+    assert got.shape == (len(pool), 5) and (got[:, 2] == got[:, 3]).all()
+    np.testing.assert_allclose(got, want, atol=1e-6 if dtype == "float32" else 2e-2)
+    emb, w = pool.padded([1, 6])
+    assert np.allclose(s.kernel(emb, w, refs), want[[1, 6]], atol=1e-6 if dtype == "float32" else 2e-2)

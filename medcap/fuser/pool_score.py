@@ -29,7 +29,7 @@ from medcap.fuser.pool import HypothesisPool, ntokens, pad_tokens
 
 log = logging.getLogger(__name__)
 
-HYP_CHUNK, REF_CHUNK = 64, 128  # hypotheses x references matched at once, sorted by length
+HYP_CHUNK, REF_CHUNK = 8, 128  # hypotheses x references matched at once, sorted by length (8: the block fits a cache)
 
 
 def kernel_dtype(precision: str) -> Any:
@@ -45,6 +45,7 @@ def kernel_dtype(precision: str) -> Any:
     return torch.bfloat16 if torch.cuda.is_available() or _has_amx() else torch.float32
 
 
+ROW_STEP, TOKEN_STEP = 8, 8  # a block's texts and tokens rounded up to these: few distinct matrix shapes
 SLACK = 1.25  # a block's longest text is at most this many times its shortest (+ SLACK_TOKENS): little padding
 SLACK_TOKENS = 4
 
@@ -63,6 +64,21 @@ def _chunks(lengths: np.ndarray, size: int) -> list[np.ndarray]:
             blocks.append(order[start:k])
             start = k
     return blocks
+
+
+def _prepared(emb: np.ndarray, tok_w: np.ndarray, lengths: np.ndarray, side: str, dtype: Any) -> Any:
+    """``prepare_tokens`` of a block, zero-padded to ``ROW_STEP`` texts and ``TOKEN_STEP`` tokens.
+
+    oneDNN compiles a bf16 matrix product for each new shape (~40 ms on a 2-core Xeon, as long as the product
+    itself): blocks of free shapes spent most of their time compiling. Padding texts have no tokens and
+    score NaN; callers keep only the real rows and columns.
+    """
+    n, width = len(lengths), int(lengths.max())
+    rows, cols = -(-n // ROW_STEP) * ROW_STEP, -(-width // TOKEN_STEP) * TOKEN_STEP
+    e = np.zeros((rows, cols, emb.shape[2]), dtype=np.float32)
+    w = np.zeros((rows, cols), dtype=np.float32)
+    e[:n, :width], w[:n, :width] = emb[:, :width], tok_w[:, :width]
+    return prepare_tokens(e, w, np.concatenate([lengths, np.zeros(rows - n, dtype=lengths.dtype)]), side, dtype)
 
 
 def _has_amx() -> bool:
@@ -207,7 +223,7 @@ class PoolScorer:
         blocks = []
         for idx in _chunks(lengths, REF_CHUNK):
             r, rw = self.pool.padded(distinct[idx])
-            blocks.append((idx, prepare_tokens(r, rw, lengths[idx], "ref", self.dtype)))
+            blocks.append((idx, _prepared(r, rw, lengths[idx], "ref", self.dtype)))
         return inverse.reshape(-1), blocks
 
     def _match(self, hyp: Any, hyp_len: np.ndarray, refs: tuple[np.ndarray, list]) -> np.ndarray:
@@ -221,13 +237,9 @@ class PoolScorer:
             return out[:, columns]
         with torch.inference_mode():
             for hidx in _chunks(hyp_len, HYP_CHUNK):
-                h, hw = hyp(hidx)
-                width = int(hyp_len[hidx].max())
-                prepared = prepare_tokens(
-                    np.ascontiguousarray(h[:, :width]), hw[:, :width], hyp_len[hidx], "hyp", self.dtype
-                )
+                prepared = _prepared(*hyp(hidx), hyp_len[hidx], "hyp", self.dtype)
                 for ridx, r in blocks:
-                    out[np.ix_(hidx, ridx)] = match_tokens(prepared, r).double().numpy()
+                    out[np.ix_(hidx, ridx)] = match_tokens(prepared, r)[: len(hidx), : len(ridx)].double().numpy()
         return out[:, columns]
 
     def _sample_weights(self) -> tuple[np.ndarray, np.ndarray]:
