@@ -77,11 +77,19 @@ def medpix_bank(folder: Path) -> dict[str, tuple[list[str], list[str]]]:
     return {k: (sorted(f), sorted(o | f)) for k, (f, o) in sorted(bank.items()) if len(f) >= 2}
 
 
-def make_cases(bank: dict, n_images: int, seed: int, prefix: str) -> tuple[list[tuple[str, str, str]], list]:
-    """Images (ID, case, caption) in cases of 1-4 that share a caption, and each image's sentence keys."""
+def make_cases(
+    bank: dict, n_images: int, seed: int, prefix: str, cases: str = "roco"
+) -> tuple[list[tuple[str, str, str]], list]:
+    """Images (ID, case, caption) and each image's sentence keys. ``cases="roco"``: one image per case and
+    a caption of its own (ROCO / ImageCLEF: 80k images, 80k distinct captions); ``"medpix"``: cases of 1-4
+    images that share a caption of 1-3 sentences."""
     import numpy as np
 
-    rng = np.random.default_rng([seed, 2, len(prefix)])
+    if cases not in ("roco", "medpix"):
+        raise ValueError(f"cases: {cases!r} is not one of roco | medpix")
+    rng = np.random.default_rng([seed, 2, *prefix.encode()])  # the index and the queries draw apart
+    if cases == "roco":
+        return _distinct_captions(bank, n_images, rng, prefix)
     regions = sorted(bank)
     weights = np.array([len(bank[r][0]) for r in regions], dtype=np.float64)
     weights /= weights.sum()
@@ -101,6 +109,33 @@ def make_cases(bank: dict, n_images: int, seed: int, prefix: str) -> tuple[list[
             keys.append(tuple((region, s) for s in chosen))
         c += 1
     return images[:n_images], keys[:n_images]
+
+
+def _distinct_captions(bank: dict, n_images: int, rng, prefix: str) -> tuple[list[tuple[str, str, str]], list]:
+    """One image per case, captions of 2-3 sentences of one region, none repeated."""
+    import numpy as np
+
+    regions = sorted(bank)
+    weights = np.array([len(bank[r][0]) for r in regions], dtype=np.float64)
+    weights /= weights.sum()
+    images, keys, seen, repeats = [], [], set(), 0
+    while len(images) < n_images:
+        region = regions[rng.choice(len(regions), p=weights)]
+        first, other = bank[region]
+        chosen = [first[rng.integers(len(first))]]
+        for s in rng.permutation(len(other))[: rng.choice([1, 2], p=[0.6, 0.4])]:
+            if other[s] not in chosen:
+                chosen.append(other[s])
+        caption = " ".join(chosen)
+        if caption in seen:
+            repeats += 1
+            if repeats > 100 * n_images:
+                raise ValueError(f"the sentence bank gives fewer than {n_images:,} distinct captions")
+            continue
+        seen.add(caption)
+        images.append((f"{prefix}{len(images):07d}", f"{prefix}c{len(images):07d}", caption))
+        keys.append(tuple((region, s) for s in chosen))
+    return images, keys
 
 
 def embeddings(keys: list, seed: int, kind: int):

@@ -2,6 +2,7 @@
 ROCO-sized synthetic index, through the real pipeline stages (issue 19, part 3).
 
     python bench/scale_fuse.py [--sizes 10000,20000,40000,80000] [--queries 17237] [--text medpix|synthetic]
+                               [--cases roco|medpix]
                                [--stages index,retrieve,...] [--exact-max 10000] [--resume-check] [--dir DIR]
                                [--set KEY=VALUE]...
 
@@ -10,7 +11,9 @@ The data (not timed, no image is decoded):
 - **text**: ROCO-like captions, 1-3 sentences recombined from a bank of sentences of the real MedPix 2.0
   captions (``../shared/data/medpix2/*_captions.csv`` from the repository root; ``--text medpix``, the
   default, stops with a message when they are absent) within one body region, or of template sentences
-  (``--text synthetic``, runs anywhere). Cases of 1-4 images share a caption. The index of each size is the
+  (``--text synthetic``, runs anywhere). ``--cases roco`` (the default): one image per case and a caption of
+  2-3 sentences of its own, never repeated (ImageCLEF 2024: 80,080 images, as many captions); ``--cases
+  medpix``: cases of 1-4 images share a caption of 1-3 sentences. The index of each size is the
   first N images of the largest; the ``--queries`` query images (split ``valid``, with references) are
   the same for every size.
 - **images**: 512-d embeddings near a 16-d subspace: each body region and bank sentence has a random latent, a
@@ -116,12 +119,14 @@ def profile_config(root: Path, data_root: Path, n: int, overrides: list[str]) ->
     return apply_overrides(cfg, overrides)
 
 
-def make_data(root: Path, sizes: list[int], queries: int, text: str, overrides: list[str], seed: int = 0) -> None:
+def make_data(
+    root: Path, sizes: list[int], queries: int, text: str, overrides: list[str], seed: int = 0, cases: str = "roco"
+) -> None:
     """Captions, placeholder images and a config per size; embeddings written as each run's embed artifacts.
     Kept when already there (``--dir``)."""
     import yaml
 
-    stamp = {"sizes": sizes, "queries": queries, "text": text, "seed": seed, "set": overrides, "v": 1}
+    stamp = {"sizes": sizes, "queries": queries, "text": text, "cases": cases, "seed": seed, "set": overrides, "v": 1}
     if (root / "data.json").is_file() and json.loads((root / "data.json").read_text()) == stamp:
         print(f"# data: {root} (kept)", flush=True)
         return
@@ -136,8 +141,8 @@ def make_data(root: Path, sizes: list[int], queries: int, text: str, overrides: 
     else:
         bank = synthetic_bank(seed)
     n_sent = sum(len(o) for _, o in bank.values())
-    index, index_keys = make_cases(bank, max(sizes), seed, "i")
-    query, query_keys = make_cases(bank, queries, seed, "q")
+    index, index_keys = make_cases(bank, max(sizes), seed, "i", cases)
+    query, query_keys = make_cases(bank, queries, seed, "q", cases)
     vectors = {INDEX: embeddings(index_keys, seed, 0), QUERY: embeddings(query_keys, seed, 1)}
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -366,6 +371,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sizes", default="10000,20000,40000,80000", help="index sizes (captions)")
     ap.add_argument("--queries", type=int, default=17237, help="query images (ImageCLEF 2024's test: 17,237)")
     ap.add_argument("--text", choices=("medpix", "synthetic"), default="medpix")
+    ap.add_argument("--cases", choices=("roco", "medpix"), default="roco", help="one image per caption, or cases")
     ap.add_argument("--stages", default=",".join(WORKS), help=f"comma-separated subset of: {', '.join(WORKS)}")
     ap.add_argument("--exact-max", type=int, default=10000, help="largest index the exact pool-MBR runs on")
     ap.add_argument("--resume-check", action="store_true", help="kill the mbr-pool fuse halfway at the largest size")
@@ -397,7 +403,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="medcap-scale-fuse-") as tmp:
         root = Path(args.dir or tmp).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        make_data(root, sizes, args.queries, args.text, args.set)
+        make_data(root, sizes, args.queries, args.text, args.set, cases=args.cases)
         for n in sizes:
             for work in works:
                 if work == EXACT and n > args.exact_max:

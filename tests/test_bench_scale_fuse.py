@@ -47,7 +47,9 @@ def test_the_benchmark_times_stages_through_the_pipeline(tmp_path, capsys):
     assert all(case[n["id"]] != case[r["id"]] for r in neighbours for n in r["neighbours"])
     with open(tmp_path / "data" / "n200" / "train_captions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 200 and len({r["Caption"] for r in rows}) < 200  # cases share a caption
+    assert len(rows) == 200 and len({r["Caption"] for r in rows}) == 200  # ROCO: each image a caption of its own
+    with open(tmp_path / "data" / "n200" / "valid_captions.csv") as f:
+        assert len({r["Caption"] for r in csv.DictReader(f)} & {r["Caption"] for r in rows}) < 3  # drawn apart
     assert (run / "submissions" / "nearest.csv").is_file()
 
 
@@ -62,7 +64,8 @@ def test_images_are_near_each_other_when_their_captions_share_a_region_and_sente
     import numpy as np
 
     module = bench("roco_like")
-    images, keys = module.make_cases(module.synthetic_bank(0), 400, 0, "i")
+    images, keys = module.make_cases(module.synthetic_bank(0), 400, 0, "i", "medpix")
+    assert len({cap for _, _, cap in images}) <= len({c for _, c, _ in images}) < 400  # cases share a caption
     v = module.embeddings(keys, 0, 0).astype(np.float32)
     assert v.shape == (400, module.DIM) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-2)
     sims = v @ v.T
