@@ -155,7 +155,7 @@ def test_the_neighbour_file_reads_a_list_when_asked(tmp_path):
     found = NeighbourFile(path)
     assert list(found) == [nl.id for nl in lists] and len(found) == 5
     assert all(found[nl.id] == nl for nl in lists)
-    assert found.get("torn") is None and "q\"3" in found and "nope" not in found
+    assert found.get("torn") is None and 'q"3' in found and "nope" not in found
     assert dict(found.items()) == {nl.id: nl for nl in lists}
     path.write_text(json.dumps(lists[0].to_json()) + "\n{broken\n" + json.dumps(lists[1].to_json()) + "\n")
     with pytest.raises(ValueError, match="valid.jsonl: a malformed row at byte"):

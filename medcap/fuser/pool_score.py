@@ -121,7 +121,7 @@ class PoolScorer:
         text_model: Any,
         *,
         sentences: bool = True,
-        genericity_sample: int | None = 512,
+        genericity_sample: int | None = 128,
         seed: int = 0,
         dtype: Any = None,
     ):
