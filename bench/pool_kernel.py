@@ -62,13 +62,9 @@ def old_match(hyp, ref):
 
 
 def prepare(emb, w, lengths, side, dtype, fixed: bool):
-    from medcap.eval.bertscore import prepare_tokens
     from medcap.fuser.pool_score import _prepared
 
-    if fixed:
-        return _prepared(emb, w, lengths, side, dtype)
-    width = int(lengths.max())
-    return prepare_tokens(np.ascontiguousarray(emb[:, :width]), w[:, :width], lengths, side, dtype)
+    return _prepared(emb, w, lengths, side, dtype, pad=fixed)
 
 
 def score(hyp, ref, dtype, variant: dict) -> np.ndarray:
@@ -92,9 +88,9 @@ def variants() -> dict[str, dict]:
 
     return {
         "baseline: fixed blocks, max on the kernel dtype": dict(chunker=fixed_blocks, match=old_match, fixed=False, hyp_chunk=64),
-        "length bands, fp32 max": dict(chunker=_chunks, match=match_tokens, fixed=False, hyp_chunk=64),
+        "length bands, fp32 max (medcap in fp32)": dict(chunker=_chunks, match=match_tokens, fixed=False, hyp_chunk=64),
         "+ fixed shapes": dict(chunker=_chunks, match=match_tokens, fixed=True, hyp_chunk=64),
-        f"+ {HYP_CHUNK}-text blocks (medcap)": dict(chunker=_chunks, match=match_tokens, fixed=True, hyp_chunk=HYP_CHUNK),
+        f"+ {HYP_CHUNK}-text blocks (medcap in bf16)": dict(chunker=_chunks, match=match_tokens, fixed=True, hyp_chunk=HYP_CHUNK),
     }  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from medcap.fuser.pool import HypothesisPool, ntokens, pad_tokens
 log = logging.getLogger(__name__)
 
 HYP_CHUNK, REF_CHUNK = 8, 128  # hypotheses x references matched at once, sorted by length (8: the block fits a cache)
+FP32_HYP_CHUNK = 64  # in fp32 (MKL compiles nothing): free shapes, larger blocks (bench/pool_kernel.py)
 
 
 def kernel_dtype(precision: str) -> Any:
@@ -66,14 +67,20 @@ def _chunks(lengths: np.ndarray, size: int) -> list[np.ndarray]:
     return blocks
 
 
-def _prepared(emb: np.ndarray, tok_w: np.ndarray, lengths: np.ndarray, side: str, dtype: Any) -> Any:
-    """``prepare_tokens`` of a block, zero-padded to ``ROW_STEP`` texts and ``TOKEN_STEP`` tokens.
+def _prepared(
+    emb: np.ndarray, tok_w: np.ndarray, lengths: np.ndarray, side: str, dtype: Any, pad: bool | None = None
+) -> Any:
+    """``prepare_tokens`` of a block; in bf16 zero-padded to ``ROW_STEP`` texts and ``TOKEN_STEP`` tokens.
 
     oneDNN compiles a bf16 matrix product for each new shape (~40 ms on a 2-core Xeon, as long as the product
     itself): blocks of free shapes spent most of their time compiling. Padding texts have no tokens and
     score NaN; callers keep only the real rows and columns.
     """
+    import torch
+
     n, width = len(lengths), int(lengths.max())
+    if not (dtype == torch.bfloat16 if pad is None else pad):  # fp32 products compile nothing: padding only adds work
+        return prepare_tokens(np.ascontiguousarray(emb[:, :width]), tok_w[:, :width], lengths, side, dtype)
     rows, cols = -(-n // ROW_STEP) * ROW_STEP, -(-width // TOKEN_STEP) * TOKEN_STEP
     e = np.zeros((rows, cols, emb.shape[2]), dtype=np.float32)
     w = np.zeros((rows, cols), dtype=np.float32)
@@ -236,7 +243,7 @@ class PoolScorer:
         if not len(hyp_len) or not n_distinct:
             return out[:, columns]
         with torch.inference_mode():
-            for hidx in _chunks(hyp_len, HYP_CHUNK):
+            for hidx in _chunks(hyp_len, HYP_CHUNK if self.dtype == torch.bfloat16 else FP32_HYP_CHUNK):
                 prepared = _prepared(*hyp(hidx), hyp_len[hidx], "hyp", self.dtype)
                 for ridx, r in blocks:
                     out[np.ix_(hidx, ridx)] = match_tokens(prepared, r)[: len(hidx), : len(ridx)].double().numpy()
