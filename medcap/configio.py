@@ -81,6 +81,16 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def chosen(lookup: Any, name: Any, where: str, what: str) -> Any:
+    """``lookup(name)`` of a registry (a kind's or a task's class), its errors as ``ConfigError`` at ``where``."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: expected a {what} name, got {name!r}")
+    try:
+        return lookup(name)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _choose(cls: type, data: dict[str, Any], path: str) -> tuple[type, dict[str, Any]]:
     """The settings class that ``data``'s kind picks, and ``data`` without the stale keys of an old dump.
 
@@ -90,12 +100,7 @@ def _choose(cls: type, data: dict[str, Any], path: str) -> tuple[type, dict[str,
     """
     where = path or "config"
     kind = data.get("kind", cls.default_kind())
-    if not isinstance(kind, str):
-        raise ConfigError(f"{where}.kind: expected a kind name, got {kind!r}")
-    try:
-        sub = cls.kind_class(kind)
-    except ValueError as e:
-        raise ConfigError(f"{where}.kind: {e}") from None
+    sub = chosen(cls.kind_class, kind, f"{where}.kind", "kind")
     own = {f.name for f in dataclasses.fields(sub)}
     foreign = [k for k in data if k not in own]
     if not foreign:

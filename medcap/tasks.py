@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medcap.configio import ConfigError
+from medcap.configio import chosen
 from medcap.registry import Registry
 
 CONFIGS = Registry("task", {"caption": "medcap.config:RunConfig", "vqa": "medcap.vqa.config:VQARunConfig"})
@@ -61,12 +61,7 @@ def task_class(data: dict[str, Any]) -> type:
     """The run config class of ``data``'s ``task`` (caption: ``RunConfig``; vqa: ``VQARunConfig``); a caption
     config's ``task: caption`` key is dropped."""
     task = data.get("task", "caption")
-    if not isinstance(task, str):
-        raise ConfigError(f"task: expected a task name, got {task!r}")
-    try:
-        cls = CONFIGS.get(task)
-    except ValueError as e:
-        raise ConfigError(f"task: {e}") from None
+    cls = chosen(CONFIGS.get, task, "task", "task")
     if task == "caption":
         data.pop("task", None)
     return cls
