@@ -6,7 +6,15 @@ import pytest
 
 from medcap.config import FuserConfig
 from medcap.eval.imageclef import preprocess
-from medcap.fuser.pool import HypothesisPool, build_pool, index_hypotheses, ntokens, sentence_hypotheses
+from medcap.fuser.pool import (
+    HypothesisPool,
+    build_pool,
+    embed_texts,
+    index_hypotheses,
+    mean_of,
+    ntokens,
+    sentence_hypotheses,
+)
 from medcap.fuser.pool_mbr import PoolMBR
 from medcap.fuser.pool_score import PoolScorer
 from medcap.records import Neighbour, NeighbourList
@@ -55,6 +63,22 @@ def _neighbours(qid, order, scores):
     return NeighbourList(qid, tuple(Neighbour(f"i{j}", s, CAPTIONS[j][0]) for j, s in zip(order, scores, strict=True)))
 
 
+def test_one_pass_gives_the_tokens_and_the_sentence_models_vectors(scorer, text_model, monkeypatch):
+    texts = [preprocess(c) for c, _ in CAPTIONS] + ["a"]
+    assert mean_of(scorer, text_model)
+    pairs, vectors = embed_texts(scorer, text_model, texts)
+    encoded = text_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert vectors.shape == encoded.shape
+    assert np.allclose(vectors, encoded, atol=1e-5)  # the sentence model's own vectors, from BERTScore's pass
+    for (e, w), (e2, w2) in zip(pairs, scorer.token_embeddings(texts), strict=True):
+        assert np.array_equal(w, w2) and np.allclose(e, e2, atol=1e-6)
+    monkeypatch.setattr(text_model, "max_seq_length", 8)  # past it the sentence model truncates: it encodes those
+    _, short = embed_texts(scorer, text_model, texts)
+    assert np.allclose(short, text_model.encode(texts, normalize_embeddings=True), atol=1e-5)
+    assert not np.allclose(short[0], vectors[0], atol=1e-3)
+    assert not mean_of(scorer, object())  # any other encoder: two passes
+
+
 def test_sentences_and_hypotheses():
     assert sentence_hypotheses("One. Two") == ["One.", "Two"]
     assert sentence_hypotheses("A b c. D e f! G h i?") == ["A b c.", "D e f!", "G h i?", "A b c. D e f!"]
@@ -78,7 +102,7 @@ def test_the_pool_holds_bertscores_tokens_and_is_built_resumably(tmp_path, pool,
 
     monkeypatch.setattr(pool_module, "SHARD", 4)
     calls = []
-    real = scorer.token_embeddings
+    real = scorer.token_and_mean_embeddings  # one pass gives tokens and vectors (MiniLM is both models)
 
     def dies_after_one_shard(sentences):
         calls.append(len(sentences))
@@ -86,7 +110,7 @@ def test_the_pool_holds_bertscores_tokens_and_is_built_resumably(tmp_path, pool,
             raise RuntimeError("killed")
         return real(sentences)
 
-    monkeypatch.setattr(scorer, "token_embeddings", dies_after_one_shard)
+    monkeypatch.setattr(scorer, "token_and_mean_embeddings", dies_after_one_shard)
     out = tmp_path / "pool"
     rows = [(f"i{j}", c, g) for j, (c, g) in enumerate(CAPTIONS)]
     with pytest.raises(RuntimeError, match="killed"):

@@ -129,21 +129,31 @@ class BertScorer:
         bert-score's without idf (1, and 0 for [CLS]/[SEP]). For a pool of hypotheses stored once
         (``fuser/pool.py``) and scored with :func:`greedy_f1`.
         """
+        return self.token_and_mean_embeddings(sentences)[0]
+
+    def token_and_mean_embeddings(
+        self, sentences: Sequence[str]
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """:meth:`token_embeddings` and, from the same pass, each sentence's unit mean of its layer's token
+        states ([CLS]/[SEP] included): a mean-pooling sentence encoder's vector when it is this model."""
         from bert_score.utils import bert_encode, padding, sent_encode
 
         encoded = [sent_encode(self.tokenizer, s) for s in sentences]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         out: list[Any] = [None] * len(encoded)
+        means = np.zeros((len(encoded), self.model.config.hidden_size), dtype=np.float32)
         table = self._uniform_table
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             ids, lens, mask = padding([encoded[i] for i in batch], self.tokenizer.pad_token_id)
             emb = bert_encode(self.model, ids.to(self.device), attention_mask=mask.to(self.device)).float()
+            mean = (emb * mask.to(emb.device)[..., None]).sum(dim=1) / lens.to(emb.device)[:, None]
+            means[batch] = (mean / mean.norm(dim=-1, keepdim=True)).cpu().numpy()
             emb = (emb / emb.norm(dim=-1, keepdim=True)).cpu().numpy()
             for k, i in enumerate(batch):
                 n = int(lens[k])
                 out[i] = (emb[k, :n], np.array([table[t] for t in encoded[i]], dtype=np.float32))
-        return out
+        return out, means
 
     def _pack(self, sentences: Sequence[str], side: str) -> tuple[Any, Any]:
         """Zero-padded embeddings (m, L, d + 2) and normalised weights (m, L) of cached sentences.

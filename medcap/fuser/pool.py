@@ -10,7 +10,8 @@ every split reads it:
 - ``tokens.npy`` (float16, memory-mapped) + ``offsets.npy`` + ``weights.npy``: the BERTScore model's
   unit token embeddings of each row (bert-score's tokens and layer; weights 1, 0 on [CLS]/[SEP]);
 - ``vectors.npy`` (float16): unit MiniLM sentence embeddings of each row: the shortlist's search
-  space (reference aggregation) and the image-text term;
+  space (reference aggregation) and the image-text term. When the sentence model is the BERTScore
+  model (MiniLM: mean pooling of its last layer), both come from one pass (``embed_texts``);
 - ``images.json``: the row of each index image's caption.
 
 It is built in shards of ``SHARD`` rows (a crash loses at most one), then joined; the artifact is
@@ -88,6 +89,33 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def mean_of(scorer: Any, text_model: Any) -> bool:
+    """Whether ``text_model``'s vectors are the unit mean of ``scorer``'s token states (same weights, all of its
+    layers, mean pooling, normalised): then one pass of the model gives a text's tokens and its vector."""
+    try:
+        transformer, pooling, normalize = list(text_model)
+        model = transformer.auto_model
+        same = Path(model.config._name_or_path).resolve() == Path(scorer.model_type).resolve()
+        mean = pooling.get_config_dict().get("pooling_mode") == "mean" and type(normalize).__name__ == "Normalize"
+        return bool(same and mean and scorer.num_layers == model.config.num_hidden_layers)
+    except (TypeError, ValueError, AttributeError):  # not a (Transformer, Pooling, Normalize) SentenceTransformer
+        return False
+
+
+def embed_texts(scorer: Any, text_model: Any, texts: Sequence[str]) -> tuple[list, np.ndarray]:
+    """BERTScore token embeddings and weights of ``texts``, and their unit sentence vectors: from one pass of the
+    model when :func:`mean_of` holds (a text past the sentence model's length limit is encoded by it: its
+    truncation differs), else from the two models."""
+    if not mean_of(scorer, text_model):
+        vectors = text_model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        return scorer.token_embeddings(texts), np.asarray(vectors, dtype=np.float32)
+    pairs, vectors = scorer.token_and_mean_embeddings(texts)
+    long = [k for k, (_, w) in enumerate(pairs) if len(w) > text_model.max_seq_length]
+    if long:
+        vectors[long] = text_model.encode([texts[k] for k in long], normalize_embeddings=True, convert_to_numpy=True)
+    return pairs, vectors
+
+
 def build_pool(out: Path, key: str, examples: Sequence[tuple[str, str, Any]], scorer: Any, text_model: Any) -> None:
     """Write the pool of index ``examples`` (ID, caption, case) into folder ``out``, resumably, manifest last."""
     from medcap.logs import progress
@@ -101,8 +129,7 @@ def build_pool(out: Path, key: str, examples: Sequence[tuple[str, str, Any]], sc
     log.info("pool: %d hypotheses (%d captions), %d shard(s) to embed", len(text), n_captions, len(todo))
     for start in progress(todo, desc="pool", unit="shard"):
         chunk = text[start : start + SHARD]
-        pairs = scorer.token_embeddings(chunk)
-        vectors = text_model.encode(chunk, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        pairs, vectors = embed_texts(scorer, text_model, chunk)
         stem = shards / f"{start:09d}"
         write_atomic(stem.with_suffix(".tokens.npy"), _npy(np.concatenate([e for e, _ in pairs]).astype(np.float16)))
         write_atomic(stem.with_suffix(".weights.npy"), _npy(np.concatenate([w for _, w in pairs]).astype(np.uint8)))

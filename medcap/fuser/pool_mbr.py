@@ -58,7 +58,7 @@ class PoolMBRConfig(FuserConfig):
     length_penalty: float = 0.01  # weight of |ln length - median ln length of the evidence|
     image_text: float = 0.1  # weight of cos(image's predicted caption embedding, hypothesis embedding)
     utility_model: str = "minilm"  # the BERTScore model of the utility (as eval.bertscore_model)
-    shortlist: int | None = 32  # hypotheses per image scored exactly; null: every one (exact, quadratic)
+    shortlist: int | None = 16  # hypotheses per image scored exactly; null: every one (exact, quadratic)
     genericity_sample: int | None = 128  # index captions G averages over (seeded); null: all of them
     precision: str = "auto"  # BERTScore kernel: auto (bf16 on CUDA and AMX CPUs, else fp32) | fp32 | bf16
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medcap.eval.bertscore import match_tokens, prepare_tokens
-from medcap.fuser.pool import HypothesisPool, ntokens, pad_tokens
+from medcap.fuser.pool import HypothesisPool, embed_texts, ntokens, pad_tokens
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +51,34 @@ SLACK = 1.25  # a block's longest text is at most this many times its shortest (
 SLACK_TOKENS = 4
 
 
-def _chunks(lengths: np.ndarray, size: int) -> list[np.ndarray]:
-    """Positions sorted by length, cut into blocks of at most ``size`` whose lengths are close (``SLACK``).
+def _chunks(lengths: np.ndarray, size: int, slack: float | None = SLACK) -> list[np.ndarray]:
+    """Positions sorted by length, cut into blocks of at most ``size`` whose lengths are close (``slack``; None:
+    blocks of ``size`` whatever their lengths).
 
     Every block pads to its longest text and the kernel's work is (sum of padded lengths)^2: one block of an
-    image's 64 hypotheses padded to its 200-token outlier did ~10x the work of the real tokens.
+    image's 64 hypotheses padded to its 200-token outlier did ~10x the work of the real tokens. In bf16 the
+    hypotheses' blocks take no slack: a block of 8 sorted texts pads few tokens, while cutting an image's ~18
+    hypotheses into many short blocks, each padded to ``ROW_STEP`` texts, cost 1.3x (10k bench, shortlist 16).
     """
     lengths = np.asarray(lengths)
     order = np.argsort(lengths, kind="stable")
     blocks, start = [], 0
     for k in range(1, len(order) + 1):
-        if k == len(order) or k - start >= size or lengths[order[k]] > SLACK * lengths[order[start]] + SLACK_TOKENS:
+        last = k == len(order)
+        far = not last and slack is not None and lengths[order[k]] > slack * lengths[order[start]] + SLACK_TOKENS
+        if last or k - start >= size or far:
             blocks.append(order[start:k])
             start = k
     return blocks
+
+
+def _shape(n: int, width: int, dtype: Any, pad: bool | None) -> tuple[int, int]:
+    """A block's (texts, tokens): in bf16 rounded up to ``ROW_STEP`` x ``TOKEN_STEP`` (few shapes to compile)."""
+    import torch
+
+    if not (dtype == torch.bfloat16 if pad is None else pad):  # fp32 products compile nothing: padding only adds work
+        return n, width
+    return -(-n // ROW_STEP) * ROW_STEP, -(-width // TOKEN_STEP) * TOKEN_STEP
 
 
 def _prepared(
@@ -76,16 +90,37 @@ def _prepared(
     itself): blocks of free shapes spent most of their time compiling. Padding texts have no tokens and
     score NaN; callers keep only the real rows and columns.
     """
-    import torch
-
     n, width = len(lengths), int(lengths.max())
-    if not (dtype == torch.bfloat16 if pad is None else pad):  # fp32 products compile nothing: padding only adds work
+    rows, cols = _shape(n, width, dtype, pad)
+    if (rows, cols) == (n, width):
         return prepare_tokens(np.ascontiguousarray(emb[:, :width]), tok_w[:, :width], lengths, side, dtype)
-    rows, cols = -(-n // ROW_STEP) * ROW_STEP, -(-width // TOKEN_STEP) * TOKEN_STEP
     e = np.zeros((rows, cols, emb.shape[2]), dtype=np.float32)
     w = np.zeros((rows, cols), dtype=np.float32)
     e[:n, :width], w[:n, :width] = emb[:, :width], tok_w[:, :width]
     return prepare_tokens(e, w, np.concatenate([lengths, np.zeros(rows - n, dtype=lengths.dtype)]), side, dtype)
+
+
+def _prepared_rows(pool: HypothesisPool, rows: np.ndarray, side: str, dtype: Any) -> Any:
+    """:func:`_prepared` of pool ``rows``, gathered from the memory-mapped float16 tokens straight into the
+    block (no float32 copy of the padded block: what ``pool.padded`` + ``_prepared`` cost per image)."""
+    import torch
+
+    from medcap.eval.bertscore import _PAD
+
+    lengths = pool.lengths(rows)
+    n, total, d = len(rows), int(lengths.sum()), pool.tokens.shape[1]
+    n_pad, cols = _shape(n, int(lengths.max()), dtype, None)
+    at = np.repeat(np.arange(n), lengths)  # each real token's text and position in it
+    pos = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    idx = pos + np.repeat(pool.offsets[rows], lengths)
+    hyp = side == "hyp"
+    e = torch.zeros(n_pad, cols, d + 2, dtype=dtype)  # (1, PAD) | (PAD, 1) on padding, (1, 0) | (0, 1) on tokens
+    e[..., d], e[..., d + 1] = (1.0, _PAD) if hyp else (_PAD, 1.0)
+    e[at, pos, d + (1 if hyp else 0)] = 0.0
+    e[at, pos, :d] = torch.from_numpy(np.asarray(pool.tokens[idx])).to(dtype)
+    w = torch.zeros(n_pad, cols)
+    w[at, pos] = torch.from_numpy(np.asarray(pool.weights[idx], dtype=np.float32))
+    return e, w / w.sum(dim=1, keepdim=True)
 
 
 def _has_amx() -> bool:
@@ -206,8 +241,8 @@ class PoolScorer:
             return Extra(
                 [], [], [], np.zeros((0, 1, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros((0, 1)), np.zeros(0)
             )
-        emb, w = pad_tokens(self.bert.token_embeddings(texts))
-        vectors = self.text_model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        pairs, vectors = embed_texts(self.bert, self.text_model, texts)
+        emb, w = pad_tokens(pairs)
         log_len = np.log([ntokens(t) for t in texts])
         return Extra(list(new), [r for r, _ in new.values()], texts, emb, w, np.asarray(vectors, np.float64), log_len)
 
@@ -215,12 +250,18 @@ class PoolScorer:
     def kernel(self, emb: np.ndarray, tok_w: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
         """BERTScore F1 (n_hyp, n_ref) of hypotheses given as padded token embeddings against pool rows ``ref_rows``."""
         lengths = (np.abs(emb).sum(axis=-1) > 0).sum(axis=1)
-        return self._match(lambda idx: (emb[idx], tok_w[idx]), lengths, self._refs(ref_rows))
+        return self._match(lambda idx: self._given(emb, tok_w, lengths, idx), lengths, self._refs(ref_rows))
+
+    def _given(self, emb: np.ndarray, tok_w: np.ndarray, lengths: np.ndarray, idx: np.ndarray) -> Any:
+        return _prepared(emb[idx], tok_w[idx], lengths[idx], "hyp", self.dtype)
 
     def row_bs(self, rows: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
         """BERTScore of pool ``rows`` against pool rows ``ref_rows`` (the shortlist x the evidence)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return self._match(lambda idx: self.pool.padded(rows[idx]), self.pool.lengths(rows), self._refs(ref_rows))
+        refs = self._refs(ref_rows)
+        return self._match(
+            lambda idx: _prepared_rows(self.pool, rows[idx], "hyp", self.dtype), self.pool.lengths(rows), refs
+        )
 
     def _refs(self, ref_rows: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, Any]]]:
         """Pool rows as prepared reference blocks of similar length (each distinct row gathered and padded once;
@@ -229,12 +270,12 @@ class PoolScorer:
         lengths = self.pool.lengths(distinct)
         blocks = []
         for idx in _chunks(lengths, REF_CHUNK):
-            r, rw = self.pool.padded(distinct[idx])
-            blocks.append((idx, _prepared(r, rw, lengths[idx], "ref", self.dtype)))
+            blocks.append((idx, _prepared_rows(self.pool, distinct[idx], "ref", self.dtype)))
         return inverse.reshape(-1), blocks
 
     def _match(self, hyp: Any, hyp_len: np.ndarray, refs: tuple[np.ndarray, list]) -> np.ndarray:
-        """Hypotheses x prepared references in blocks of similar length (little padding), as ``BertScorer.block``."""
+        """Hypotheses (``hyp(positions)``: a prepared block) x prepared references in blocks of similar length
+        (little padding), as ``BertScorer.block``."""
         import torch
 
         columns, blocks = refs
@@ -243,8 +284,9 @@ class PoolScorer:
         if not len(hyp_len) or not n_distinct:
             return out[:, columns]
         with torch.inference_mode():
-            for hidx in _chunks(hyp_len, HYP_CHUNK if self.dtype == torch.bfloat16 else FP32_HYP_CHUNK):
-                prepared = _prepared(*hyp(hidx), hyp_len[hidx], "hyp", self.dtype)
+            bf16 = self.dtype == torch.bfloat16
+            for hidx in _chunks(hyp_len, HYP_CHUNK if bf16 else FP32_HYP_CHUNK, None if bf16 else SLACK):
+                prepared = hyp(hidx)
                 for ridx, r in blocks:
                     out[np.ix_(hidx, ridx)] = match_tokens(prepared, r)[: len(hidx), : len(ridx)].double().numpy()
         return out[:, columns]
@@ -254,20 +296,23 @@ class PoolScorer:
         counts = np.bincount(inverse, minlength=len(distinct)).astype(np.float64)
         return distinct, counts / counts.sum()
 
-    def text_genericity(self, emb: np.ndarray, tok_w: np.ndarray) -> np.ndarray:
-        """G of hypotheses given as token embeddings: mean BERTScore to the index sample."""
+    def _genericity(self, hyp: Any, lengths: np.ndarray) -> np.ndarray:
         distinct, weight = self._sample_weights()
         if self._sample_refs is None:  # the sample is the same for every hypothesis: prepared once
             self._sample_refs = self._refs(distinct)
+        return self._match(hyp, lengths, self._sample_refs) @ weight
+
+    def text_genericity(self, emb: np.ndarray, tok_w: np.ndarray) -> np.ndarray:
+        """G of hypotheses given as token embeddings: mean BERTScore to the index sample."""
         lengths = (np.abs(emb).sum(axis=-1) > 0).sum(axis=1)
-        return self._match(lambda idx: (emb[idx], tok_w[idx]), lengths, self._sample_refs) @ weight
+        return self._genericity(lambda idx: self._given(emb, tok_w, lengths, idx), lengths)
 
     def row_genericity(self, rows: np.ndarray) -> np.ndarray:
         """G of pool rows, memoised for the run: each row is scored against the sample once."""
-        todo = sorted({int(r) for r in rows if int(r) not in self._g})
-        if todo:
-            values = self.text_genericity(*self.pool.padded(todo))
-            self._g.update(zip(todo, values.tolist(), strict=True))
+        todo = np.array(sorted({int(r) for r in rows if int(r) not in self._g}), dtype=np.int64)
+        if len(todo):
+            hyp = lambda idx: _prepared_rows(self.pool, todo[idx], "hyp", self.dtype)  # noqa: E731
+            self._g.update(zip(todo.tolist(), self._genericity(hyp, self.pool.lengths(todo)).tolist(), strict=True))
         return np.array([self._g[int(r)] for r in rows], dtype=np.float64)
 
 
