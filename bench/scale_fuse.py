@@ -149,7 +149,8 @@ def make_data(
     from PIL import Image
 
     blank = images / "blank.jpg"
-    Image.new("L", (1, 1)).save(blank, format="JPEG")
+    if not blank.is_file():  # every image links to it: a new mtime would change every data key (all artifacts stale)
+        Image.new("L", (1, 1)).save(blank, format="JPEG")
     for i, _, _ in index + query:
         link = images / f"{i}.jpg"
         if not link.is_symlink():

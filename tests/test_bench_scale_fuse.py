@@ -52,6 +52,13 @@ def test_the_benchmark_times_stages_through_the_pipeline(tmp_path, capsys):
         assert len({r["Caption"] for r in csv.DictReader(f)} & {r["Caption"] for r in rows}) < 3  # drawn apart
     assert (run / "submissions" / "nearest.csv").is_file()
 
+    # more queries, the same index: the data are written again, but the index split's artifacts stay fresh
+    bench().main(
+        ["--sizes", "200", "--queries", "40", "--text", "synthetic", "--dir", str(tmp_path), "--stages", "retrieve",
+         "--set", "retrieval.index.space=image", "--set", "submit.caption_set=nearest"]
+    )  # fmt: skip
+    assert "preparing its inputs" not in capsys.readouterr().out
+
 
 def test_medpix_text_without_the_data_says_what_to_do(tmp_path, monkeypatch):
     module = bench()
