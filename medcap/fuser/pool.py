@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -162,15 +163,15 @@ def _join(out: Path, shards: Path, starts: list[int]) -> None:
         parts = [np.load(shards / f"{s:09d}.{name}.npy") for s in starts]
         write_atomic(out / f"{name}.npy", _npy(np.concatenate(parts) if parts else np.zeros(0, dtype)))
     first = np.load(shards / f"{starts[0]:09d}.tokens.npy", mmap_mode="r") if starts else np.zeros((0, 1), np.float16)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+              "shape": (int(offsets[-1]), first.shape[1])}  # fmt: skip
     tmp = out / "tokens.npy.tmp"
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), first.shape[1]))
-    at = 0
-    for s in starts:
-        part = np.load(shards / f"{s:09d}.tokens.npy", mmap_mode="r")
-        dst[at : at + len(part)] = part
-        at += len(part)
-    dst.flush()
-    del dst
+    with open(tmp, "wb") as f:  # appended a shard at a time: a memory map of the whole file counted as resident
+        np.lib.format.write_array_header_1_0(f, header)
+        for s in starts:
+            f.write(np.ascontiguousarray(np.load(shards / f"{s:09d}.tokens.npy"), dtype=np.float16).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
     tmp.chmod(0o644)
     tmp.replace(out / "tokens.npy")
 
