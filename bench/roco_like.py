@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import re
+import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+MEDPIX = ROOT.parent / "shared" / "data" / "medpix2"
 DIM, LATENT = 512, 16  # embedding width; the subspace the captions' latents span
+INDEX, QUERY = "train", "valid"  # the index split and the query split of every run
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -159,3 +164,103 @@ def embeddings(keys: list, seed: int, kind: int):
     v += 0.3 * rng.normal(size=v.shape) * np.linalg.norm(v, axis=1, keepdims=True) / math.sqrt(DIM)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     return v.astype(np.float16)
+
+
+# --------------------------------------------------------------------------- the data and runs of a benchmark
+
+
+def profile_config(root: Path, data_root: Path, n: int, overrides: list[str]) -> dict:
+    """medpix-cpu, on the data set of size ``n``, with the exact pool-MBR beside its fusers."""
+    import yaml
+
+    from medcap.configio import apply_overrides
+
+    cfg = yaml.safe_load((ROOT / "medcap" / "profiles" / "medpix-cpu.yaml").read_text())
+    cfg.pop("ablation", None)
+    cfg["name"], cfg["runs_dir"] = f"n{n}", str(root / "runs")
+    cfg["data"].update(root=str(data_root), index_split=INDEX, query_splits=[QUERY], verify_images=False)
+    cfg["generators"] = [g for g in cfg["generators"] if g["kind"] in ("nearest", "consensus")]
+    mbr_pool = next(f for f in cfg["fusers"] if f["name"] == "mbr-pool")
+    cfg["fusers"].append({**mbr_pool, "name": "mbr-exact", "shortlist": None})
+    if not any(f["name"] == "ranker" for f in cfg["fusers"]):  # the profile left it out (docs/results.md)
+        ranker = {k: v for k, v in mbr_pool.items() if k not in ("name", "kind", "pool")}
+        cfg["fusers"].append({**ranker, "name": "ranker", "kind": "ranker", "top": 32})
+    cfg["eval"]["metrics"] = ["bertscore", "rouge1"]
+    cfg["submit"]["caption_set"] = "mbr-pool"
+    return apply_overrides(cfg, overrides)
+
+
+def make_data(
+    root: Path, sizes: list[int], queries: int, text: str, overrides: list[str], seed: int = 0, cases: str = "roco",
+    medpix: Path = MEDPIX,
+) -> None:  # fmt: skip
+    """Captions, placeholder images and a config per size; embeddings written as each run's embed artifacts.
+    Kept when already there (``--dir``); ``text="medpix"`` draws sentences from the captions in ``medpix``."""
+    import yaml
+
+    stamp = {"sizes": sizes, "queries": queries, "text": text, "cases": cases, "seed": seed, "set": overrides, "v": 1}
+    if (root / "data.json").is_file() and json.loads((root / "data.json").read_text()) == stamp:
+        print(f"# data: {root} (kept)", flush=True)
+        return
+    t0 = time.perf_counter()
+    if text == "medpix":
+        if not any(medpix.glob("*_captions.csv")):
+            raise SystemExit(
+                f"no MedPix captions in {medpix} (expected train_captions.csv, valid_captions.csv): "
+                "rerun with --text synthetic for template sentences"
+            )
+        bank = medpix_bank(medpix)
+    else:
+        bank = synthetic_bank(seed)
+    n_sent = sum(len(o) for _, o in bank.values())
+    index, index_keys = make_cases(bank, max(sizes), seed, "i", cases)
+    query, query_keys = make_cases(bank, queries, seed, "q", cases)
+    vectors = {INDEX: embeddings(index_keys, seed, 0), QUERY: embeddings(query_keys, seed, 1)}
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    blank = images / "blank.jpg"
+    if not blank.is_file():  # every image links to it: a new mtime would change every data key (all artifacts stale)
+        Image.new("L", (1, 1)).save(blank, format="JPEG")
+    for i, _, _ in index + query:
+        link = images / f"{i}.jpg"
+        if not link.is_symlink():
+            link.symlink_to(blank.name)
+    for n in sizes:
+        data = root / "data" / f"n{n}"
+        data.mkdir(parents=True, exist_ok=True)
+        if not (data / "images").exists():
+            (data / "images").symlink_to(images, target_is_directory=True)
+        for split, rows in ((INDEX, index[:n]), (QUERY, query)):
+            with open(data / f"{split}_captions.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["ID", "Caption"])
+                w.writerows([(i, cap) for i, _, cap in rows])
+        with open(data / "metadata.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ID", "case_id", "split"])
+            w.writerows([(i, case, INDEX) for i, case, _ in index[:n]] + [(i, case, QUERY) for i, case, _ in query])
+        cfg = profile_config(root, data, n, overrides)
+        (root / f"n{n}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_embeddings(root / f"n{n}.yaml", {INDEX: (index[:n], vectors[INDEX][:n]), QUERY: (query, vectors[QUERY])})
+    (root / "data.json").write_text(json.dumps(stamp))
+    distinct = len({c for _, _, c in index})
+    print(
+        f"# data: {text} text, {n_sent:,} bank sentences in {len(bank)} regions; index {max(sizes):,} images "
+        f"({distinct:,} distinct captions), {queries:,} queries; {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+
+
+def write_embeddings(config: Path, splits: dict) -> None:
+    """Each split's vectors as the run's embed artifact, under the key the embed stage expects."""
+    from medcap.config import load_config
+    from medcap.pipeline import Pipeline
+    from medcap.retrieval.embed import write_embeddings as write
+
+    pipe = Pipeline(load_config(config))
+    for split, (rows, vectors) in splits.items():
+        ids = [i for i, _, _ in rows]
+        assert ids == [ex.id for ex in pipe.split(split).examples]
+        write(pipe.path("embed", split), pipe.key("embed", split), ids, vectors)
